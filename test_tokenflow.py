@@ -1,0 +1,296 @@
+"""
+Invariants of the tokenizer and the training script, on tiny CPU configs.
+
+    python -m pytest -q test_tokenflow.py
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenflow as tf
+import train
+
+TINY = tf.TokenizerConfig(
+    image_size=16, patch_size=4, vit_width=32, vit_depth=1, vit_heads=2, vit_stem_ch=32, teacher_dim=16,
+    sem_mean=(0.5, 0.5, 0.5), sem_std=(0.5, 0.5, 0.5), pix_ch=32, pix_ch_mult=(1, 2, 2), pix_res_blocks=1,
+    z_channels=32, pix_dec_ch=32, pix_dec_res_blocks=0, codebook_size=64, scales=(1, 2, 4), sem_dec_depth=1)
+
+
+def images(B, size=16, seed=0):
+    return torch.rand(B, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Dual codebook
+
+
+def brute_force(cb, z_sem, z_pix):
+    """argmin_i ||z_sem - e_sem_i||^2 + w ||z_pix - e_pix_i||^2 over explicit distance matrices."""
+    zs, zp = F.normalize(z_sem.double(), dim=1), F.normalize(z_pix.double(), dim=1)
+    es, ep = F.normalize(cb.sem.double(), dim=1), F.normalize(cb.pix.double(), dim=1)
+    d = torch.cdist(zs, es) ** 2 + cb.pix_weight * torch.cdist(zp, ep) ** 2  # (N, K)
+    return d
+
+
+@pytest.mark.parametrize("K,w,max_scores", [(512, 1.0, 2**22), (512, 3.5, 2**22), (70_000, 1.0, 2**22),
+                                             (4096, 0.25, 5000)])
+def test_shared_index_is_brute_force_argmin(K, w, max_scores):
+    torch.manual_seed(K)
+    cb = tf.DualCodebook(K, 32, 8, pix_weight=w)
+    z_sem, z_pix = torch.randn(300, 32) * 3, torch.randn(300, 8) * 0.5  # unnormalised on purpose
+    if max_scores < K:  # forces one row per chunk: the chunked loop must still see every row
+        assert max(1, max_scores // K) == 1
+    idx = cb.nearest(z_sem, z_pix, max_scores=max_scores)
+    d = brute_force(cb, z_sem, z_pix)
+    assert idx.shape == (300,) and idx.dtype == torch.long
+    # ours attains the minimum distance; exact ties aside, it is the same index
+    assert torch.allclose(d.gather(1, idx[:, None]).squeeze(1), d.min(1).values, atol=1e-5)
+    assert (idx == d.argmin(1)).float().mean() >= 0.99
+
+
+def test_pix_weight_changes_the_choice():
+    torch.manual_seed(0)
+    cb_a, cb_b = tf.DualCodebook(256, 32, 8, pix_weight=0.0), tf.DualCodebook(256, 32, 8, pix_weight=100.0)
+    cb_b.load_state_dict(cb_a.state_dict())
+    z_sem, z_pix = torch.randn(200, 32), torch.randn(200, 8)
+    a, b = cb_a.nearest(z_sem, z_pix), cb_b.nearest(z_sem, z_pix)
+    # w = 0 picks by semantics alone, w = 100 essentially by pixels alone
+    assert torch.equal(a, (F.normalize(z_sem) @ F.normalize(cb_a.sem).T).argmax(1))
+    assert torch.equal(b, (F.normalize(z_pix) @ F.normalize(cb_a.pix).T).argmax(1))
+    assert (a != b).any()
+
+
+def test_codebook_forward_straight_through_and_loss():
+    torch.manual_seed(0)
+    cb = tf.DualCodebook(128, 32, 8, beta=0.25)
+    z = torch.randn(50, 40, requires_grad=True)
+    q, idx, stats = cb(z)
+    assert torch.allclose(q, cb.lookup(idx), atol=1e-6)  # forward value = the chosen unit codes
+    zn = torch.cat([F.normalize(z[:, :32], dim=1), F.normalize(z[:, 32:], dim=1)], 1)
+    expect = 1.25 * F.mse_loss(cb.lookup(idx), zn)
+    assert torch.allclose(stats["vq"], expect, atol=1e-6)
+    assert torch.allclose(stats["d_sem"], (cb.lookup(idx)[:, :32] - zn[:, :32]).pow(2).sum(1).mean(), atol=1e-5)
+    g = torch.randn_like(q)
+    (q * g).sum().backward()  # straight-through: d q / d zn = identity
+    zn_grad = torch.autograd.grad((zn * g).sum(), z)[0]
+    assert torch.allclose(z.grad, zn_grad, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return tf.TokenFlow(TINY).eval()
+
+
+def test_ids_shape_and_range(tiny):
+    idx = tiny.encode(images(3))
+    assert idx.shape == (3, sum(s * s for s in TINY.scales)) == (3, TINY.seq_len)
+    assert idx.dtype == torch.long and idx.min() >= 0 and idx.max() < TINY.codebook_size
+
+
+def test_encode_decode_matches_eval_forward(tiny):
+    x = images(4)
+    with torch.no_grad():
+        x_rec, sem, _ = tiny(x)
+    idx = tiny.encode(x)
+    assert torch.allclose(tiny.decode(idx), x_rec.clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(tiny.semantic_features(idx), sem, atol=1e-5)
+    assert sem.shape == (4, TINY.grid ** 2, TINY.teacher_dim)
+
+
+def test_per_scale_ids_are_each_scales_nearest_code(tiny):
+    """The ids of scale k are the nearest codes of the residual left after scales < k."""
+    z = tiny.features(images(2))
+    f_hat, idx_Bl, _ = tiny.quantize(z, TINY.scales)
+    residual = z
+    for s, idx in zip(TINY.scales, idx_Bl):
+        r = F.interpolate(residual, size=(s, s), mode="area").permute(0, 2, 3, 1).reshape(-1, 40)
+        assert torch.equal(idx.flatten(), tiny.codebook.nearest(r[:, :32], r[:, 32:]))
+        q = tiny.codebook.lookup(idx).view(2, s, s, 40).permute(0, 3, 1, 2)
+        residual = residual - tf.upsample(q, TINY.grid)
+
+
+def test_gradients_reach_both_encoders_and_both_codebooks():
+    torch.manual_seed(0)
+    model = tf.TokenFlow(replace(TINY, scale_drop=0.0)).train()
+    x = images(4)
+    x_rec, sem, stats = model(x)
+    (F.mse_loss(x_rec, x) + sem.pow(2).mean() + stats["vq"]).backward()
+    for name in ["sem_enc.conv1.0.weight", "sem_enc_head.2.weight", "pix_enc.conv_in.weight",
+                 "pix_enc.to_code.weight", "codebook.sem", "codebook.pix", "sem_dec_head.2.weight",
+                 "pix_dec.conv_out.weight"]:
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+
+
+def test_scale_drop_only_in_training():
+    model = tf.TokenFlow(replace(TINY, scale_drop=1.0))
+    model.eval()
+    assert all(model.train_scales() == list(TINY.scales) for _ in range(20))
+    model.train()
+    for _ in range(20):
+        scales = model.train_scales()
+        assert len(scales) == len(TINY.scales) - 1 and scales[0] == TINY.scales[0]  # never the first
+    never = tf.TokenFlow(replace(TINY, scale_drop=0.0)).train()
+    assert all(never.train_scales() == list(TINY.scales) for _ in range(20))
+
+
+def test_a_few_steps_on_one_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = tf.TokenFlow(replace(TINY, scale_drop=0.0)).train()
+    target = torch.randn(4, TINY.grid ** 2, TINY.teacher_dim)
+    x = images(4)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        x_rec, sem, stats = model(x)
+        loss = F.mse_loss(x_rec, x) + (1 - F.cosine_similarity(sem, target, dim=-1)).mean() + stats["vq"]
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_wrong_token_count_is_refused(tiny):
+    with pytest.raises(ValueError, match="expected \\(B, 21\\)"):
+        tiny.decode(torch.zeros(2, 20, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and presets
+
+
+def test_tokenflow_b_preset_builds_with_official_sizes():
+    cfg = tf.PRESETS["tokenflow-b"]["tokenizer"]
+    assert cfg.seq_len == 561 and cfg.grid == 14
+    model = tf.TokenFlow(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    # official pixel encoder / decoder, without the 1x1 convs to and from the 8-d codes
+    assert count(model.pix_enc) - count(model.pix_enc.to_code) == 29_298_176
+    assert count(model.pix_dec) - count(model.pix_dec.from_code) == 42_449_795
+    assert abs(count(model.sem_dec) + count(model.sem_dec_head) - 22e6) < 0.05 * 22e6
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(patch_size=8), "token grids disagree"),
+    (dict(pix_ch_mult=(1, 2)), "token grids disagree"),
+    (dict(scales=(1, 2, 3)), "end at the token grid side 4"),
+    (dict(scales=(2, 1, 4)), "increase strictly"),
+    (dict(pix_ch=48), "multiples of 32"),
+])
+def test_inconsistent_configs_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(TINY, **change)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path, tiny):
+    path = str(tmp_path / "tokenizer.pt")
+    tf.save_checkpoint(path, "tokenizer", TINY, tiny, step=7)
+    loaded, ckpt = tf.load_model(path, "tokenizer")
+    loaded.eval()
+    x = images(2)
+    assert ckpt["step"] == 7 and loaded.cfg == TINY
+    assert torch.equal(loaded.encode(x), tiny.encode(x))
+    assert torch.equal(loaded.decode(tiny.encode(x)), tiny.decode(tiny.encode(x)))
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, tiny):
+    path = str(tmp_path / "tokenizer.pt")
+    tf.save_checkpoint(path, "tokenizer", TINY, tiny)
+    with pytest.raises(ValueError, match="holds a 'tokenizer' checkpoint, expected 'teacher'"):
+        tf.load_model(path, "teacher")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pt", "wb") as f:
+        pickle.dump({"kind": "tokenizer", "payload": RunsCode()}, f)
+    with pytest.raises(ValueError, match="not a checkpoint this code can read safely"):
+        tf.load_checkpoint("evil.pt", "tokenizer")
+    assert not os.path.exists("pwned")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and the training script
+
+
+def test_shapes_are_deterministic_and_splits_differ():
+    a = train.ShapesDataset(100, 32, seed=0, split="train")
+    b = train.ShapesDataset(100, 32, seed=0, split="train")
+    v = train.ShapesDataset(100, 32, seed=0, split="val")
+    xa, ya = a[17]
+    xb, yb = b.__getitems__([3, 17])[1]
+    assert torch.equal(xa, xb) and ya == yb  # same (seed, split, index) -> same image, alone or batched
+    assert not torch.equal(xa, v[17][0])
+    assert xa.shape == (3, 32, 32) and xa.min() >= -1 and xa.max() <= 1
+    labels = a.params(range(100))["cls"]
+    assert set(labels.long().tolist()) == set(range(train.ShapesDataset.num_classes))
+
+
+def test_shape_class_is_geometry_not_colour():
+    """Same colour, position, size and background; only the class differs -> different masks."""
+    ds = train.ShapesDataset(1, 32)
+    p = ds.params([0] * train.ShapesDataset.num_classes)
+    p["cls"] = torch.arange(train.ShapesDataset.num_classes, dtype=torch.float32)
+    x = ds.render(p)
+    masks = (x - x[:1]).abs().sum(1) > 0.1  # where each image differs from the disk
+    assert all(masks[i].sum() > 10 for i in range(1, len(x)))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--iters", "-1"], "--iters must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--teacher", "/no/such/teacher.pt"], "no such file"),
+    (["--stage", "everything"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_toy_run_smoke(tmp_path):
+    """Two steps of each stage through the real script: files appear and load back."""
+    out = str(tmp_path / "out")
+    results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1"])
+    assert set(results) == {"teacher", "tokenizer"}
+    for name in ["teacher.pt", "tokenizer.pt", "metrics.jsonl", "reconstructions.png"]:
+        assert os.path.exists(os.path.join(out, name)), name
+    teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
+    tokenizer, ckpt = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    assert ckpt["step"] == 2 and "optimizer" in ckpt
+    # the tokenizer's semantic encoder was initialised from this teacher, then trained 2 steps
+    assert torch.allclose(tokenizer.sem_enc.positional_embedding, teacher.vit.positional_embedding, atol=0.05)
+
+
+def test_mismatched_teacher_stops_with_both_values(tmp_path):
+    path = str(tmp_path / "teacher.pt")
+    other = replace(tf.PRESETS["toy"]["tokenizer"], vit_depth=1)
+    tf.save_checkpoint(path, "teacher", other, tf.Teacher(other, 8), num_classes=8)
+    r = subprocess.run([sys.executable, "train.py", "--stage", "tokenizer", "--teacher", path, "--iters", "1",
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 2
+    assert "vit_depth = 1" in r.stderr and "vit_depth = 4" in r.stderr

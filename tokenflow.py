@@ -1,0 +1,549 @@
+"""
+TokenFlow, minimal: an image tokenizer whose one grid of indices serves both understanding
+(semantic codes) and generation (pixel codes). All model code lives in this file, in the
+order data flows through it.
+
+Notable choices
+- Two encoders: a ViT initialised from a teacher (CLIP for TokenFlow-B, a toy ViT trained on
+  the toy data here) for semantics, and a VQGAN-style CNN for pixels. Both end on the same grid.
+- Dual codebook, one shared index: two l2-normalised tables of the same size K, 32-d semantic
+  and 8-d pixel. A code is chosen by argmin d_sem + w * d_pix, and both tables are looked up
+  with that one index (TokenFlow, Sec. 3.2, "shared mapping").
+- Multi-scale residual quantization as in VAR: the residual is quantized at growing scales
+  1x1 ... nxn, each scale's codes are upsampled and summed; a token sequence is all scales'
+  indices, coarse to fine.
+- Two decoders: a small ViT maps the semantic half back to teacher features (cosine loss),
+  a VQGAN-style CNN maps the pixel half back to the image (L2 here; LPIPS and GAN come with
+  the real-scale recipe).
+
+Shape letters: B batch, C channels, H W image side, n token grid side, s side of one scale,
+l = s*s tokens of one scale, L = sum of s*s over scales, N rows fed to the quantizer,
+K codebook size, D ViT width, T teacher feature width.
+
+References
+1) TokenFlow, Qu et al. 2024: https://arxiv.org/abs/2412.03069 ; https://github.com/ByteFlow-AI/TokenFlow
+2) VAR, Tian et al. 2024: https://arxiv.org/abs/2404.02905 ; https://github.com/FoundationVision/VAR
+3) VQGAN, Esser et al. 2021: https://arxiv.org/abs/2012.09841 ; LlamaGen CNN: https://github.com/FoundationVision/LlamaGen
+4) ViT-VQGAN (l2-normalised low-dim codes), Yu et al. 2021: https://arxiv.org/abs/2110.04627
+5) CLIP, Radford et al. 2021: https://arxiv.org/abs/2103.00020 (the ViT layout below follows it)
+"""
+
+import math
+import os
+import pickle
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 224  # input side in pixels; images are square and in [-1, 1]
+    # semantic encoder: a ViT with the teacher's shape, initialised from the teacher's weights
+    patch_size: int = 16  # ViT patch; the token grid side is image_size // patch_size
+    vit_width: int = 768  # D (ViT-B/16); the semantic decoder uses the same width
+    vit_depth: int = 12
+    vit_heads: int = 12
+    vit_stem_ch: int = 0  # 0: CLIP's single patch conv; > 0: a conv stem of that width (toy, see ViT)
+    teacher_dim: int = 512  # T: teacher feature width (CLIP ViT-B/16 `proj` output)
+    sem_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # teacher input normalisation on
+    sem_std: tuple = (0.26862954, 0.26130258, 0.27577711)  # [0, 1] pixels (CLIP's values)
+    # pixel encoder / decoder: the VQGAN / LlamaGen CNN
+    pix_ch: int = 128  # base channels; level i has pix_ch * pix_ch_mult[i] (multiple of 32: GroupNorm(32))
+    pix_ch_mult: tuple = (1, 1, 2, 2, 4)  # one level per entry, 2x down between levels: 16x for 5
+    pix_res_blocks: int = 2  # res blocks per encoder level
+    z_channels: int = 256  # CNN width at the grid, before the 1x1 conv down to pix_dim
+    pix_dec_ch: int = 128  # decoder base channels (the official "enhanced decoder": 256)
+    pix_dec_res_blocks: int = 2  # the decoder has this + 1 res blocks per level, as VQGAN (enhanced: 4)
+    # dual codebook with one shared index
+    codebook_size: int = 32768  # K entries in each of the two tables
+    sem_dim: int = 32  # semantic code width
+    pix_dim: int = 8  # pixel code width
+    pix_weight: float = 1.0  # w in argmin d_sem + w * d_pix (paper: 1.0)
+    beta: float = 0.25  # commitment weight in ||sg[z] - q||^2 + beta ||z - sg[q]||^2
+    scales: tuple = (1, 2, 4, 6, 8, 10, 12, 14)  # residual VQ sides, coarse to fine; last = grid side
+    scale_drop: float = 0.1  # P(drop one scale of index >= 1) per training forward (official)
+    # semantic decoder: a ViT over the code grid (patch 1), then Linear-Tanh-Linear to T
+    sem_dec_depth: int = 3
+
+    def __post_init__(self):
+        for f in fields(self):  # a config read back from a checkpoint has lists, not tuples
+            if isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+        n_sem = self.image_size / self.patch_size
+        n_pix = self.image_size / 2 ** (len(self.pix_ch_mult) - 1)
+        if n_sem != n_pix or n_sem != int(n_sem):
+            raise ValueError(
+                f"token grids disagree: image_size {self.image_size} / patch_size {self.patch_size}"
+                f" = {n_sem:g} (semantic) but / 2^{len(self.pix_ch_mult) - 1} = {n_pix:g} (pixel, "
+                f"pix_ch_mult {self.pix_ch_mult}); pick sizes that give one whole grid side"
+            )
+        if list(self.scales) != sorted(set(self.scales)) or self.scales[-1] != int(n_sem):
+            raise ValueError(
+                f"scales {self.scales} must increase strictly and end at the token grid side "
+                f"{int(n_sem)} (= image_size {self.image_size} / patch_size {self.patch_size})"
+            )
+        if self.pix_ch % 32 or self.pix_dec_ch % 32 or self.vit_width % self.vit_heads:
+            raise ValueError(
+                f"pix_ch {self.pix_ch} and pix_dec_ch {self.pix_dec_ch} must be multiples of 32 "
+                f"(GroupNorm) and vit_width "
+                f"{self.vit_width} a multiple of vit_heads {self.vit_heads}"
+            )
+
+    @property
+    def grid(self):  # n: token grid side
+        return self.image_size // self.patch_size
+
+    @property
+    def seq_len(self):  # L: tokens per image over all scales
+        return sum(s * s for s in self.scales)
+
+
+def config_from_dict(cls, d):
+    """Rebuild a config dataclass from a checkpoint's plain dict, naming any unknown field."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"config has fields {sorted(unknown)} that {cls.__name__} does not know; "
+                         "the checkpoint comes from another version of this code")
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks: CNN parts (VQGAN / LlamaGen) and transformer parts (CLIP-style ViT)
+
+
+def group_norm(ch):
+    return nn.GroupNorm(32, ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of a feature map."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x_BChw):
+        B, C, h, w = x_BChw.shape
+        qkv = self.qkv(self.norm(x_BChw)).reshape(B, 3, C, h * w).transpose(-1, -2)  # (B, 3, hw, C)
+        y = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, hw, C)
+        return x_BChw + self.proj(y.transpose(1, 2).reshape(B, C, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as VQGAN: H -> H/2
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with CLIP's fused in-projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BND):
+        B, N, D = x_BND.shape
+        qkv = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def mlp_head(d_in, d_out):
+    """Linear-Tanh-Linear, TokenFlow's task layer between a ViT and a code or teacher space."""
+    return nn.Sequential(nn.Linear(d_in, d_in), nn.Tanh(), nn.Linear(d_in, d_out))
+
+
+def sincos_positions(grid, width):
+    """(1 + grid*grid, width) 2-D sin-cos table (MAE, https://arxiv.org/abs/2111.06377), row 0 for the
+    class token. Used to initialise the learned positions: short runs start with a sense of space."""
+    pos = torch.arange(grid, dtype=torch.float32)
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    yy, xx = torch.meshgrid(pos, pos, indexing="ij")
+    angles = [c.flatten()[:, None] * freqs for c in (yy, xx)]  # 2 x (g*g, width/4)
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (g*g, width)
+    return torch.cat([torch.zeros(1, width), table])
+
+
+def init_weights(module):
+    """ViT-style init for the transformer parts (the CNNs keep PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel encoder and decoder (VQGAN / LlamaGen layout)
+
+
+class PixelEncoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, pix_dim, n, n), n = H / 2^(levels - 1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.pix_ch * m for m in cfg.pix_ch_mult]
+        last = len(chs) - 1
+        self.conv_in = nn.Conv2d(3, cfg.pix_ch, 3, padding=1)
+        layers, c = [], cfg.pix_ch
+        for i, c_out in enumerate(chs):  # 1. down path: res blocks, attention at the last level
+            for _ in range(cfg.pix_res_blocks):
+                layers += [ResBlock(c, c_out)] + ([AttnBlock(c_out)] if i == last else [])
+                c = c_out
+            layers += [Downsample(c)] if i != last else []
+        layers += [ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]  # 2. middle
+        self.layers = nn.Sequential(*layers)
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+        self.to_code = nn.Conv2d(cfg.z_channels, cfg.pix_dim, 1)  # the official `quant_conv`
+
+    def forward(self, x_B3HW):
+        h = self.layers(self.conv_in(x_B3HW))
+        return self.to_code(self.conv_out(F.silu(self.norm_out(h))))  # (B, pix_dim, n, n)
+
+
+class PixelDecoder(nn.Module):
+    """(B, pix_dim, n, n) -> (B, 3, H, W). Mirrors the encoder with one extra res block per level."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.pix_dec_ch * m for m in cfg.pix_ch_mult][::-1]  # coarse to fine
+        c = chs[0]
+        self.from_code = nn.Conv2d(cfg.pix_dim, cfg.z_channels, 1)  # the official `post_quant_conv`
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        layers = [ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]  # 1. middle
+        for i, c_out in enumerate(chs):  # 2. up path: attention at the coarsest level
+            for _ in range(cfg.pix_dec_res_blocks + 1):
+                layers += [ResBlock(c, c_out)] + ([AttnBlock(c_out)] if i == 0 else [])
+                c = c_out
+            layers += [Upsample(c)] if i != len(chs) - 1 else []
+        self.layers = nn.Sequential(*layers)
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z_BCnn):
+        h = self.layers(self.conv_in(self.from_code(z_BCnn)))
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT: one class for the teacher, the semantic encoder and the semantic decoder
+
+
+def conv_stem(in_ch, patch_size, width, ch):
+    """Stride-2 3x3 convs down to the patch grid, then 1x1 to the width: a ViT trained from scratch
+    with this stem learns several times faster (Xiao et al. 2021, https://arxiv.org/abs/2106.14881)."""
+    layers = [nn.Conv2d(in_ch, ch, 3, padding=1), group_norm(ch), nn.SiLU()]  # one conv at full size
+    for _ in range(int(math.log2(patch_size))):
+        layers += [nn.Conv2d(ch, ch, 3, stride=2, padding=1), group_norm(ch), nn.SiLU()]
+    return nn.Sequential(*layers, nn.Conv2d(ch, width, 1))
+
+
+class ViT(nn.Module):
+    """CLIP's vision layout: patch conv (no bias), class token, positions, ln_pre, blocks, ln_post.
+    (B, in_ch, g*p, g*p) -> patch tokens (B, g*g, D); the class token is used inside, not returned.
+    stem_ch > 0 swaps the patch conv for a conv stem (the toy teacher trains from scratch in a minute)."""
+
+    def __init__(self, in_ch, patch_size, grid, width, depth, heads, stem_ch=0):
+        super().__init__()
+        self.conv1 = (conv_stem(in_ch, patch_size, width, stem_ch) if stem_ch else
+                      nn.Conv2d(in_ch, width, patch_size, stride=patch_size, bias=False))
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) * width**-0.5)
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.ln_post = nn.LayerNorm(width)
+        init_weights(self)
+
+    def forward(self, x_BCHW):
+        x = self.conv1(x_BCHW).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)  # (B, 1+N, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x[:, 1:])  # (B, N, D)
+
+
+def teacher_input(x_B3HW, cfg):
+    """[-1, 1] pixels -> the teacher's normalisation. The student sees exactly the same input
+    (the official B code feeds its student raw [-1, 1] pixels; we do not copy that)."""
+    mean = x_B3HW.new_tensor(cfg.sem_mean).view(1, 3, 1, 1)
+    std = x_B3HW.new_tensor(cfg.sem_std).view(1, 3, 1, 1)
+    return ((x_B3HW + 1) / 2 - mean) / std
+
+
+class Teacher(nn.Module):
+    """The semantic target: ViT patch tokens @ proj, CLIP's layout. The toy teacher adds a class
+    head on the mean patch feature and is trained on labels; it stands in for CLIP here."""
+
+    def __init__(self, cfg, num_classes=0):
+        super().__init__()
+        self.cfg, self.num_classes = cfg, num_classes
+        self.vit = ViT(3, cfg.patch_size, cfg.grid, cfg.vit_width, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch)
+        self.proj = nn.Linear(cfg.vit_width, cfg.teacher_dim, bias=False)
+        self.head = nn.Linear(cfg.teacher_dim, num_classes) if num_classes else None
+        init_weights(self)
+
+    def features(self, x_B3HW):
+        return self.proj(self.vit(teacher_input(x_B3HW, self.cfg)))  # (B, n*n, T)
+
+    def forward(self, x_B3HW):
+        return self.head(self.features(x_B3HW).mean(1))  # (B, num_classes) logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Dual codebook: two l2-normalised tables, one shared index
+
+
+class DualCodebook(nn.Module):
+    """Two K-entry tables (K x sem_dim and K x pix_dim) addressed by one index.
+    For unit vectors ||z - e||^2 = 2 - 2<z, e>, so argmin d_sem + w*d_pix is
+    argmax <z_sem, e_sem> + w<z_pix, e_pix>: one matmul of [z_sem, w*z_pix] against [e_sem, e_pix]."""
+
+    def __init__(self, codebook_size, sem_dim, pix_dim, pix_weight=1.0, beta=0.25):
+        super().__init__()
+        self.pix_weight, self.beta = pix_weight, beta
+        self.sem = nn.Parameter(F.normalize(torch.randn(codebook_size, sem_dim), dim=1))  # (K, 32)
+        self.pix = nn.Parameter(F.normalize(torch.randn(codebook_size, pix_dim), dim=1))  # (K, 8)
+
+    def lookup(self, idx):
+        """idx (...) long -> unit codes (..., sem_dim + pix_dim); only the rows used are normalised."""
+        return torch.cat([F.normalize(self.sem[idx], dim=-1), F.normalize(self.pix[idx], dim=-1)], -1)
+
+    @torch.no_grad()
+    def nearest(self, z_sem, z_pix, max_scores=2**22):
+        """z_sem (N, sem_dim), z_pix (N, pix_dim), any scale -> idx (N,) long.
+        Scores are fp32 and computed for bounded row chunks (at most max_scores floats at once)."""
+        z = torch.cat([F.normalize(z_sem.float(), dim=1), self.pix_weight * F.normalize(z_pix.float(), dim=1)], 1)
+        e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)
+        rows = max(1, max_scores // e.shape[0])
+        return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(rows)])  # (N,)
+
+    def forward(self, z_NC):
+        """z (N, sem_dim + pix_dim), not normalised -> q (N, C) straight-through, idx (N,), stats."""
+        sem_dim = self.sem.shape[1]
+        z = torch.cat([F.normalize(z_NC[:, :sem_dim], dim=1), F.normalize(z_NC[:, sem_dim:], dim=1)], 1)
+        idx = self.nearest(z[:, :sem_dim], z[:, sem_dim:])
+        q = self.lookup(idx).to(z.dtype)  # (N, C)
+        # codebook term pulls codes to the encoder, commitment term (x beta) the encoder to codes
+        vq = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())  # VQ-VAE, eq. 3
+        d = (q - z).detach().pow(2)  # the chosen codes' distances: the paper's balance signal
+        stats = {"vq": vq, "d_sem": d[:, :sem_dim].sum(1).mean(), "d_pix": d[:, sem_dim:].sum(1).mean()}
+        return z + (q - z).detach(), idx, stats  # straight-through: forward q, backward identity
+
+
+def codebook_usage(idx, K):
+    """Any ids -> (fraction of the K codes hit at least once, perplexity of the code histogram)."""
+    p = torch.bincount(idx.flatten(), minlength=K).float() / idx.numel()
+    return (p > 0).float().mean(), torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer: two encoders, multi-scale residual quantization, two decoders
+
+
+def upsample(x_BCss, n):
+    """One scale's codes to the full n x n grid (bicubic, as VAR and TokenFlow)."""
+    return x_BCss if x_BCss.shape[-1] == n else F.interpolate(x_BCss, size=(n, n), mode="bicubic")
+
+
+class TokenFlow(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        n, D = cfg.grid, cfg.vit_width
+        # 1. semantic encoder: the teacher's ViT (load its weights before training), then a head
+        self.sem_enc = ViT(3, cfg.patch_size, n, D, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch)
+        self.sem_enc_head = mlp_head(D, cfg.sem_dim)
+        # 2. pixel encoder: VQGAN CNN ending in pix_dim channels on the same n x n grid
+        self.pix_enc = PixelEncoder(cfg)
+        # 3. the two codebooks, one index
+        self.codebook = DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim, cfg.pix_weight, cfg.beta)
+        # 4. semantic decoder: a ViT over the semantic code grid (patch 1), then a head to T
+        self.sem_dec = ViT(cfg.sem_dim, 1, n, D, cfg.sem_dec_depth, cfg.vit_heads)
+        self.sem_dec_head = mlp_head(D, cfg.teacher_dim)
+        # 5. pixel decoder: reads the pixel half only
+        self.pix_dec = PixelDecoder(cfg)
+        init_weights(self.sem_enc_head), init_weights(self.sem_dec_head)
+
+    # -- image -> continuous features -> quantized features (training and encoding)
+
+    def features(self, x_B3HW):
+        """(B, 3, H, W) in [-1, 1] -> z (B, sem_dim + pix_dim, n, n), not yet normalised."""
+        B, n = x_B3HW.shape[0], self.cfg.grid
+        z_sem = self.sem_enc_head(self.sem_enc(teacher_input(x_B3HW, self.cfg)))  # (B, n*n, sem_dim)
+        z_sem = z_sem.transpose(1, 2).reshape(B, -1, n, n)
+        return torch.cat([z_sem, self.pix_enc(x_B3HW)], dim=1)  # (B, C, n, n)
+
+    def train_scales(self):
+        """All scales; in training, with p = scale_drop, all but one random scale of index >= 1."""
+        scales = list(self.cfg.scales)
+        if self.training and len(scales) > 1 and torch.rand(()) < self.cfg.scale_drop:
+            scales.pop(int(torch.randint(1, len(scales), ())))
+        return scales
+
+    def quantize(self, z_BCnn, scales):
+        """Multi-scale residual VQ (VAR, Alg. 1) -> f_hat (B, C, n, n), ids per scale [(B, s*s)], stats.
+        As in the official code each scale normalises its own residual, so f_hat is a sum of unit
+        codes (upsampled), not an approximation of z itself."""
+        B, C, n, _ = z_BCnn.shape
+        residual, f_hat, idx_Bl, stats = z_BCnn, torch.zeros_like(z_BCnn), [], []
+        for s in scales:
+            r_NC = F.interpolate(residual, size=(s, s), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
+            q_NC, idx_N, st = self.codebook(r_NC)
+            q_BCnn = upsample(q_NC.view(B, s, s, C).permute(0, 3, 1, 2), n)
+            f_hat = f_hat + q_BCnn
+            residual = residual - q_BCnn.detach()  # later scales model what is left
+            idx_Bl.append(idx_N.view(B, s * s))
+            stats.append(st)
+        stats = {k: torch.stack([st[k] for st in stats]).mean() for k in stats[0]}  # mean over scales
+        stats["usage"], stats["perplexity"] = codebook_usage(torch.cat(idx_Bl, 1), self.cfg.codebook_size)
+        return f_hat, idx_Bl, stats
+
+    # -- ids -> quantized features -> image / teacher features (decoding)
+
+    def indices_to_features(self, idx_BL):
+        """(B, L) ids of all scales -> f_hat (B, C, n, n), the same sum the quantizer builds."""
+        if idx_BL.ndim != 2 or idx_BL.shape[1] != self.cfg.seq_len:
+            raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {self.cfg.seq_len}) "
+                             f"for scales {self.cfg.scales}")
+        n, f_hat, start = self.cfg.grid, 0, 0
+        for s in self.cfg.scales:
+            q_BlC = self.codebook.lookup(idx_BL[:, start:start + s * s])
+            f_hat = f_hat + upsample(q_BlC.transpose(1, 2).unflatten(2, (s, s)), n)
+            start += s * s
+        return f_hat
+
+    def pixel_decode(self, f_hat_BCnn):
+        return self.pix_dec(f_hat_BCnn[:, self.cfg.sem_dim:])  # (B, 3, H, W), not clamped
+
+    def semantic_decode(self, f_hat_BCnn):
+        return self.sem_dec_head(self.sem_dec(f_hat_BCnn[:, :self.cfg.sem_dim]))  # (B, n*n, T)
+
+    # -- public interface
+
+    @torch.no_grad()
+    def encode(self, x_B3HW):
+        """(B, 3, H, W) in [-1, 1] -> ids (B, L) long, all scales coarse to fine, row-major."""
+        _, idx_Bl, _ = self.quantize(self.features(x_B3HW), self.cfg.scales)
+        return torch.cat(idx_Bl, dim=1)
+
+    @torch.no_grad()
+    def decode(self, idx_BL):
+        """(B, L) ids -> images (B, 3, H, W) in [-1, 1]."""
+        return self.pixel_decode(self.indices_to_features(idx_BL)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def semantic_features(self, idx_BL):
+        """(B, L) ids -> decoded teacher-space features (B, n*n, T)."""
+        return self.semantic_decode(self.indices_to_features(idx_BL))
+
+    def forward(self, x_B3HW):
+        """Training pass -> reconstruction (B, 3, H, W), decoded semantic features (B, n*n, T) and a
+        dict: vq (loss), d_sem, d_pix, usage, perplexity (statistics, averaged over scales)."""
+        f_hat, _, stats = self.quantize(self.features(x_B3HW), self.train_scales())
+        return self.pixel_decode(f_hat), self.semantic_decode(f_hat), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and primitives, so torch.load(weights_only=True) reads them
+
+
+def save_checkpoint(path, kind, config, model, step=0, **extra):
+    """Write {kind, config, model, step, **extra} atomically: a temporary file, fsync, rename."""
+    ckpt = {"kind": kind, "config": asdict(config), "model": model.state_dict(), "step": step, **extra}
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
+
+
+def load_checkpoint(path, kind):
+    """Read a checkpoint of the given kind ('teacher', 'tokenizer', ...) without running any code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}; train it first (python train.py --stage {kind})")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a checkpoint this code can read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); it is corrupt or holds more than tensors and plain values")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def load_model(path, kind):
+    """Rebuild a 'teacher' or 'tokenizer' from its checkpoint alone -> (model, checkpoint dict)."""
+    ckpt = load_checkpoint(path, kind)
+    cfg = config_from_dict(TokenizerConfig, ckpt["config"])
+    model = Teacher(cfg, ckpt["num_classes"]) if kind == "teacher" else TokenFlow(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+PRESETS = {
+    # CPU toy: 32 px shapes, an 8x8 grid, a 4-layer toy teacher; trains in minutes on 2 cores
+    "toy": {"tokenizer": TokenizerConfig(
+        image_size=32, patch_size=4, vit_width=64, vit_depth=4, vit_heads=2, vit_stem_ch=32, teacher_dim=64,
+        sem_mean=(0.5, 0.5, 0.5), sem_std=(0.5, 0.5, 0.5),  # toy teacher reads [-1, 1] as is
+        pix_ch=32, pix_ch_mult=(1, 2, 2), pix_res_blocks=1, z_channels=64, pix_dec_ch=32, pix_dec_res_blocks=1,
+        codebook_size=512, scales=(1, 2, 4, 6, 8), sem_dec_depth=2)},
+    # TokenFlow-B: CLIP ViT-B/16 teacher at 224 px, 14x14 grid, K = 32,768, L = 561
+    "tokenflow-b": {"tokenizer": TokenizerConfig()},
+}

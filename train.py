@@ -1,0 +1,395 @@
+"""
+Train TokenFlow, stage by stage: the toy teacher, then the tokenizer.
+
+    python train.py                      # the CPU toy run: shapes -> teacher -> tokenizer, into out/
+    python train.py --stage tokenizer    # one stage, reading earlier stages' checkpoints from out/
+    python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
+
+Everything a stage needs is saved in its checkpoint (config, weights, optimiser, args), so
+sample.py and later stages rebuild models from checkpoints alone.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import tokenflow as tf
+
+# ---------------------------------------------------------------------------------------------
+# Per-stage defaults, used where the command line leaves a value unset
+
+DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning rate
+    ("toy", "teacher"): dict(iters=900, batch_size=64, lr=1e-3),
+    ("toy", "tokenizer"): dict(iters=600, batch_size=32, lr=1e-3),
+    # TokenFlow-B: Adam 1e-4 as the paper; set --iters for a real run
+    ("tokenflow-b", "teacher"): dict(iters=0, batch_size=256, lr=1e-4),
+    ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
+}
+WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
+EVAL_IMAGES = 1024  # held-out images per evaluation
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train
+    p.add_argument("--preset", default="toy", help=f"model sizes, one of {sorted(tf.PRESETS)}")
+    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer"],
+                   help="which stage to run; 'all' runs teacher then tokenizer")
+    p.add_argument("--teacher", default="toy",
+                   help="'toy' trains (or reuses) OUT_DIR/teacher.pt; a path uses that teacher checkpoint")
+    # data
+    p.add_argument("--dataset", default="shapes", choices=["shapes"],
+                   help="'shapes': synthetic, rendered on the fly (deterministic per index and seed)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    # optimisation
+    p.add_argument("--iters", type=int, default=None, help="optimisation steps of every stage that runs "
+                   "(default: per preset and stage, see DEFAULTS in train.py)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per preset and stage)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset and stage)")
+    p.add_argument("--overfit-batch", action="store_true",
+                   help="train on one fixed batch: the loss should go towards zero (a debugging aid)")
+    # output and bookkeeping
+    p.add_argument("--out-dir", default="out", help="checkpoints, image grids and metrics.jsonl go here")
+    p.add_argument("--eval-interval", type=int, default=200, help="held-out evaluation + checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue a stage from its checkpoint in OUT_DIR")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model init, the data and the held-out split")
+    # system
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype for forward passes (weights and optimiser stay fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
+    args = p.parse_args(argv)
+    for name in ("iters", "batch_size", "num_workers", "eval_interval"):
+        v = getattr(args, name)
+        if v is not None and (v < 0 or (v == 0 and name in ("batch_size", "eval_interval"))):
+            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('iters', 'num_workers') else '> 0'}, got {v}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if args.preset not in tf.PRESETS:
+        p.error(f"unknown preset {args.preset!r}; choose one of {sorted(tf.PRESETS)}")
+    if args.teacher != "toy" and not os.path.isfile(args.teacher):
+        p.error(f"--teacher {args.teacher!r}: no such file; give 'toy' or the path of a teacher checkpoint")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: synthetic shapes. Class = geometry only; colour, size, position, rotation and the
+# textured background are drawn independently, so semantics and appearance are separable.
+
+SHAPES = ["disk", "ring", "triangle", "square", "plus", "star", "crescent", "bar"]
+PALETTE = np.array([  # foreground colours, saturated so they stand out of the grey backgrounds
+    [0.90, 0.15, 0.15], [0.15, 0.75, 0.20], [0.20, 0.35, 0.95], [0.95, 0.85, 0.15],
+    [0.85, 0.20, 0.85], [0.10, 0.85, 0.90], [0.98, 0.55, 0.10], [0.55, 0.25, 0.85],
+], dtype=np.float32)
+COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
+
+
+def shape_sdf(cls, u, v):
+    """Approximate signed distance (negative inside, in units of the shape radius) of every shape
+    class at local coordinates u, v (B, H, W); -> (B, H, W) for the requested classes cls (B,)."""
+    r, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+
+    def ngon(k, radius):  # regular k-gon with the given circumradius
+        a = 2 * math.pi / k
+        return r * torch.cos(torch.remainder(theta, a) - a / 2) - radius * math.cos(math.pi / k)
+
+    def box(hx, hy):
+        qx, qy = u.abs() - hx, v.abs() - hy
+        return torch.sqrt(qx.clamp_min(0) ** 2 + qy.clamp_min(0) ** 2) + torch.maximum(qx, qy).clamp_max(0)
+
+    spikes = torch.abs(torch.remainder(theta * 5 / (2 * math.pi), 1.0) * 2 - 1)  # 1 at the 5 tips
+    all_sdf = torch.stack([
+        r - 1,  # disk
+        (r - 0.72).abs() - 0.28,  # ring
+        ngon(3, 1.15),  # triangle
+        ngon(4, 1.0),  # square
+        torch.minimum(box(1.0, 0.32), box(0.32, 1.0)),  # plus
+        (r - (0.42 + 0.65 * spikes ** 2)) * 0.6,  # star (scaled: the radial gap overstates distance)
+        torch.maximum(r - 1, 0.8 - torch.sqrt((u - 0.5) ** 2 + v * v)),  # crescent
+        box(1.05, 0.3),  # bar
+    ], dim=1)  # (B, 8, H, W)
+    return all_sdf.gather(1, cls.view(-1, 1, 1, 1).expand(-1, 1, *u.shape[1:])).squeeze(1)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """size images, each drawn from its own RNG keyed by (seed, split, index): deterministic, and the
+    'val' split never repeats a 'train' image. Items are (image (3, S, S) in [-1, 1], class)."""
+
+    num_classes = len(SHAPES)
+
+    def __init__(self, size, image_size=32, seed=0, split="train"):
+        self.size, self.image_size, self.seed, self.split = size, image_size, seed, split
+
+    def __len__(self):
+        return self.size
+
+    def params(self, indices):
+        """Draw every random choice of the given images -> dict of (B, ...) tensors."""
+        rows = []
+        for i in indices:
+            g = np.random.default_rng([self.seed, {"train": 0, "val": 1}[self.split], int(i)])
+            rows.append(dict(
+                cls=g.integers(len(SHAPES)), colour=g.integers(len(PALETTE)),
+                jitter=g.uniform(-0.06, 0.06, 3), centre=g.uniform(0.35, 0.65, 2), radius=g.uniform(0.26, 0.36),
+                angle=g.uniform(0, 2 * math.pi), bg=g.uniform(0.2, 0.55) + g.uniform(-0.05, 0.05, 3),
+                stripe=[g.uniform(0, math.pi), g.uniform(3, 8), g.uniform(0, 2 * math.pi), g.uniform(0.03, 0.08)],
+                noise=g.normal(0, 0.04, (1, 8, 8)),
+            ))
+        return {k: torch.tensor(np.stack([r[k] for r in rows]), dtype=torch.float32) for k in rows[0]}
+
+    def render(self, p):
+        """params -> images (B, 3, S, S) in [-1, 1]."""
+        S, B = self.image_size, p["cls"].shape[0]
+        yy, xx = torch.meshgrid(*(2 * [(torch.arange(S) + 0.5) / S]), indexing="ij")  # pixel centres in [0, 1]
+        # 1. background: grey-ish base, one sine grating, smooth low-frequency noise
+        ang, freq, phase, amp = p["stripe"].unbind(1)
+        wave = xx * torch.cos(ang).view(B, 1, 1) + yy * torch.sin(ang).view(B, 1, 1)
+        bg = p["bg"].view(B, 3, 1, 1) + (amp.view(B, 1, 1) * torch.sin(2 * math.pi * freq.view(B, 1, 1) * wave
+                                                                        + phase.view(B, 1, 1))).unsqueeze(1)
+        bg = bg + F.interpolate(p["noise"], size=(S, S), mode="bilinear", align_corners=False)
+        # 2. foreground: rotate/scale pixel coordinates into the shape's frame, anti-aliased edge
+        dx, dy = xx - p["centre"][:, 0].view(B, 1, 1), yy - p["centre"][:, 1].view(B, 1, 1)
+        c, s, rad = torch.cos(p["angle"]).view(B, 1, 1), torch.sin(p["angle"]).view(B, 1, 1), p["radius"].view(B, 1, 1)
+        sdf = shape_sdf(p["cls"].long(), (c * dx + s * dy) / rad, (-s * dx + c * dy) / rad)
+        alpha = (0.5 - sdf * rad * S).clamp(0, 1).unsqueeze(1)  # distance in pixels -> coverage
+        fg = (torch.from_numpy(PALETTE)[p["colour"].long()] + p["jitter"]).view(B, 3, 1, 1)
+        return ((alpha * fg + (1 - alpha) * bg).clamp(0, 1) * 2 - 1)
+
+    def __getitems__(self, indices):  # the DataLoader renders a whole batch in one call
+        p = self.params(indices)
+        return list(zip(self.render(p), p["cls"].long()))
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+
+def make_dataset(args, cfg, split):
+    sizes = {"train": 1_000_000, "val": EVAL_IMAGES}  # shapes: effectively endless training data
+    return ShapesDataset(sizes[split], cfg.image_size, args.seed, split)
+
+
+def batches(dataset, batch_size, args, seed):
+    """Endless iterator of (x (B, 3, S, S), y (B,)) on the device, reshuffled each epoch."""
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers, generator=g,
+                                         pin_memory=args.device.startswith("cuda"))
+    fixed = None
+    while True:
+        for x, y in loader:
+            if args.overfit_batch:
+                fixed = fixed if fixed is not None else (x, y)
+                x, y = fixed
+            yield x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: learning rate, autocast, logging, image grids
+
+
+def get_lr(step, iters, peak):
+    """Linear warmup, then cosine decay to peak / 10."""
+    warmup = max(1, int(WARMUP * iters))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, iters - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def autocast_ctx(args):
+    if args.dtype == "float32":
+        return nullcontext()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype)
+
+
+def log_metrics(args, row):
+    with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+def save_grid(rows, path, zoom=3):
+    """rows: list of (B, 3, S, S) tensors in [-1, 1], one grid row each -> PNG, nearest-upscaled."""
+    grid = torch.cat([torch.cat(list(r.float().cpu()), dim=2) for r in rows], dim=1)  # (3, rows*S, B*S)
+    img = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST).save(path)
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB of [-1, 1] images, measured on [0, 1] with data range 1."""
+    mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def make_optimizer(params, lr, args, weight_decay):
+    # Adam(W) with betas (0.9, 0.95), as TokenFlow
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                             fused=args.device.startswith("cuda"))
+
+
+def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_decay=0.0):
+    """The one loop every stage shares: lr -> every N steps eval + checkpoint -> step -> log.
+    step_fn(x, y) -> (loss, dict of floats); eval_fn(step) -> dict; save_fn(step, optimizer)."""
+    hp = {k: getattr(args, k) if getattr(args, k) is not None else v
+          for k, v in DEFAULTS[(args.preset, stage)].items()}
+    opt = make_optimizer(params, hp["lr"], args, weight_decay)
+    step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = tf.load_checkpoint(ckpt_path, stage)
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        tqdm.write(f"{stage}: resumed from {ckpt_path} at step {step}")
+    scaler = torch.amp.GradScaler(enabled=args.dtype == "float16")
+    data = batches(make_dataset(args, model.cfg, "train"), hp["batch_size"], args, args.seed + step)
+    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step)
+    t0 = time.time()
+    for step in bar:
+        lr = get_lr(step, hp["iters"], hp["lr"])
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if step > 0 and step % args.eval_interval == 0:
+            log_metrics(args, {"stage": stage, "step": step, "split": "val", **eval_fn(step)})
+            save_fn(step, opt)
+        x, y = next(data)
+        model.train()
+        with autocast_ctx(args):
+            loss, stats = step_fn(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt), scaler.update()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.3g}" for k, v in stats.items()})
+    step = hp["iters"]
+    row = {"stage": stage, "step": step, "split": "val", **eval_fn(step), "train_s": round(time.time() - t0, 1)}
+    log_metrics(args, row)
+    save_fn(step, opt)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the toy teacher, a small ViT classifier standing in for CLIP
+
+
+@torch.no_grad()
+def evaluate_teacher(args, teacher):
+    teacher.eval()
+    correct = 0
+    for x, y in torch.utils.data.DataLoader(make_dataset(args, teacher.cfg, "val"), batch_size=256):
+        with autocast_ctx(args):
+            correct += (teacher(x.to(args.device)).argmax(1).cpu() == y).sum().item()
+    return {"acc": correct / EVAL_IMAGES}
+
+
+def train_teacher(args, cfg):
+    torch.manual_seed(args.seed)
+    teacher = tf.Teacher(cfg, ShapesDataset.num_classes).to(args.device)
+    model = torch.compile(teacher) if args.compile else teacher
+
+    def step_fn(x, y):
+        loss = F.cross_entropy(model(x), y)
+        return loss, {}
+
+    def save_fn(step, opt):
+        tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
+                           num_classes=teacher.num_classes, optimizer=opt.state_dict(), args=vars(args))
+
+    return train_loop(args, "teacher", teacher, list(teacher.parameters()), step_fn,
+                      lambda step: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the tokenizer
+
+
+def load_teacher(args, cfg):
+    """The frozen teacher, checked against the tokenizer config it must match."""
+    path = os.path.join(args.out_dir, "teacher.pt") if args.teacher == "toy" else args.teacher
+    teacher, _ = tf.load_model(path, "teacher")
+    for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "teacher_dim", "sem_mean", "sem_std"):
+        if getattr(teacher.cfg, k) != getattr(cfg, k):
+            raise ValueError(f"teacher {path} has {k} = {getattr(teacher.cfg, k)} but preset "
+                             f"{args.preset!r} has {k} = {getattr(cfg, k)}; train a teacher for this preset")
+    return teacher.to(args.device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(args, tokenizer, teacher, step):
+    """Held-out PSNR, codebook usage and perplexity over all tokens, semantic cosine; the tokens
+    go through the real path (encode -> ids -> decode), as a user of the tokenizer sees them."""
+    tokenizer.eval()
+    psnrs, cos, ids = [], [], []
+    for x, _ in torch.utils.data.DataLoader(make_dataset(args, tokenizer.cfg, "val"), batch_size=128):
+        x = x.to(args.device)
+        with autocast_ctx(args):
+            idx = tokenizer.encode(x)
+            f_hat = tokenizer.indices_to_features(idx)
+            x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
+            cos.append(F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(),
+                                           teacher.features(x).float(), dim=-1).mean(1))
+        psnrs.append(psnr(x_rec, x)), ids.append(idx)
+        if len(psnrs) == 1:
+            save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, "reconstructions.png"))
+    usage, perplexity = tf.codebook_usage(torch.cat(ids), tokenizer.cfg.codebook_size)
+    return {"psnr": torch.cat(psnrs).mean().item(), "usage": usage.item(), "perplexity": perplexity.item(),
+            "sem_cos": torch.cat(cos).mean().item()}
+
+
+def train_tokenizer(args, cfg):
+    teacher = load_teacher(args, cfg)
+    torch.manual_seed(args.seed)
+    tokenizer = tf.TokenFlow(cfg).to(args.device)
+    tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
+    model = torch.compile(tokenizer) if args.compile else tokenizer
+
+    def step_fn(x, y):
+        with torch.no_grad():
+            target = teacher.features(x)  # (B, n*n, T)
+        x_rec, sem, stats = model(x)
+        rec = F.mse_loss(x_rec, x)
+        sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()  # TokenFlow's semantic loss
+        loss = rec + sem_loss + stats["vq"]
+        return loss, {"rec": rec.item(), "sem": sem_loss.item(), "usage": stats["usage"].item()}
+
+    def save_fn(step, opt):
+        tf.save_checkpoint(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer", cfg, tokenizer, step,
+                           optimizer=opt.state_dict(), args=vars(args))
+
+    return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), step_fn,
+                      lambda step: evaluate_tokenizer(args, tokenizer, teacher, step), save_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    os.makedirs(args.out_dir, exist_ok=True)
+    cfg = tf.PRESETS[args.preset]["tokenizer"]
+    results = {}
+    if args.stage in ("all", "teacher") and args.teacher == "toy":
+        results["teacher"] = train_teacher(args, cfg)
+    if args.stage in ("all", "tokenizer"):
+        results["tokenizer"] = train_tokenizer(args, cfg)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
