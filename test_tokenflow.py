@@ -61,10 +61,10 @@ def test_pix_weight_changes_the_choice():
     cb_b.load_state_dict(cb_a.state_dict())
     z_sem, z_pix = torch.randn(200, 32), torch.randn(200, 8)
     a, b = cb_a.nearest(z_sem, z_pix), cb_b.nearest(z_sem, z_pix)
-    # w = 0 picks by semantics alone, w = 100 essentially by pixels alone
+    # w = 0 picks by semantics alone; w = 100 by pixels, but for near-ties the semantic term breaks
     assert torch.equal(a, (F.normalize(z_sem) @ F.normalize(cb_a.sem).T).argmax(1))
-    assert torch.equal(b, (F.normalize(z_pix) @ F.normalize(cb_a.pix).T).argmax(1))
-    assert (a != b).any()
+    assert (b == (F.normalize(z_pix) @ F.normalize(cb_a.pix).T).argmax(1)).float().mean() > 0.95
+    assert (a != b).float().mean() > 0.9
 
 
 def test_codebook_forward_straight_through_and_loss():
@@ -264,6 +264,7 @@ def test_shape_class_is_geometry_not_colour():
     (["--lr", "0"], "--lr must be > 0"),
     (["--teacher", "/no/such/teacher.pt"], "no such file"),
     (["--stage", "everything"], "invalid choice"),
+    (["--preset", "tokenflow-b"], "has no toy teacher"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -283,9 +283,10 @@ class PixelDecoder(nn.Module):
 def conv_stem(in_ch, patch_size, width, ch):
     """Stride-2 3x3 convs down to the patch grid, then 1x1 to the width: a ViT trained from scratch
     with this stem learns several times faster (Xiao et al. 2021, https://arxiv.org/abs/2106.14881)."""
-    layers = [nn.Conv2d(in_ch, ch, 3, padding=1), group_norm(ch), nn.SiLU()]  # one conv at full size
-    for _ in range(int(math.log2(patch_size))):
-        layers += [nn.Conv2d(ch, ch, 3, stride=2, padding=1), group_norm(ch), nn.SiLU()]
+    conv = lambda c_in, stride: [nn.Conv2d(c_in, ch, 3, stride, padding=1), group_norm(ch), nn.SiLU()]
+    layers = conv(in_ch, 1)
+    for _ in range(int(math.log2(patch_size))):  # halve, then one more conv: a wider receptive field
+        layers += conv(ch, 2) + conv(ch, 1)
     return nn.Sequential(*layers, nn.Conv2d(ch, width, 1))
 
 
@@ -360,12 +361,16 @@ class DualCodebook(nn.Module):
         """idx (...) long -> unit codes (..., sem_dim + pix_dim); only the rows used are normalised."""
         return torch.cat([F.normalize(self.sem[idx], dim=-1), F.normalize(self.pix[idx], dim=-1)], -1)
 
-    @torch.no_grad()
     def nearest(self, z_sem, z_pix, max_scores=2**22):
-        """z_sem (N, sem_dim), z_pix (N, pix_dim), any scale -> idx (N,) long.
-        Scores are fp32 and computed for bounded row chunks (at most max_scores floats at once)."""
-        z = torch.cat([F.normalize(z_sem.float(), dim=1), self.pix_weight * F.normalize(z_pix.float(), dim=1)], 1)
-        e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)
+        """z_sem (N, sem_dim), z_pix (N, pix_dim), any scale -> idx (N,) long: argmin d_sem + w*d_pix."""
+        return self.search(F.normalize(z_sem, dim=1), F.normalize(z_pix, dim=1), max_scores)
+
+    @torch.no_grad()
+    def search(self, u_sem, u_pix, max_scores=2**22):
+        """nearest() for inputs already l2-normalised. Scores are fp32, computed for bounded row
+        chunks (at most max_scores floats at once): no N x K one-hot, no full distance matrix."""
+        z = torch.cat([u_sem.float(), self.pix_weight * u_pix.float()], 1)  # (N, C)
+        e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)  # (K, C)
         rows = max(1, max_scores // e.shape[0])
         return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(rows)])  # (N,)
 
@@ -373,7 +378,7 @@ class DualCodebook(nn.Module):
         """z (N, sem_dim + pix_dim), not normalised -> q (N, C) straight-through, idx (N,), stats."""
         sem_dim = self.sem.shape[1]
         z = torch.cat([F.normalize(z_NC[:, :sem_dim], dim=1), F.normalize(z_NC[:, sem_dim:], dim=1)], 1)
-        idx = self.nearest(z[:, :sem_dim], z[:, sem_dim:])
+        idx = self.search(z[:, :sem_dim], z[:, sem_dim:])
         q = self.lookup(idx).to(z.dtype)  # (N, C)
         # codebook term pulls codes to the encoder, commitment term (x beta) the encoder to codes
         vq = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())  # VQ-VAE, eq. 3
@@ -398,6 +403,8 @@ def upsample(x_BCss, n):
 
 
 class TokenFlow(nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] <-> shared ids (B, L) over all scales; see the module docstring."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -414,7 +421,8 @@ class TokenFlow(nn.Module):
         self.sem_dec_head = mlp_head(D, cfg.teacher_dim)
         # 5. pixel decoder: reads the pixel half only
         self.pix_dec = PixelDecoder(cfg)
-        init_weights(self.sem_enc_head), init_weights(self.sem_dec_head)
+        init_weights(self.sem_enc_head)
+        init_weights(self.sem_dec_head)
 
     # -- image -> continuous features -> quantized features (training and encoding)
 

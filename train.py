@@ -29,10 +29,9 @@ import tokenflow as tf
 # Per-stage defaults, used where the command line leaves a value unset
 
 DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning rate
-    ("toy", "teacher"): dict(iters=900, batch_size=64, lr=1e-3),
-    ("toy", "tokenizer"): dict(iters=600, batch_size=32, lr=1e-3),
-    # TokenFlow-B: Adam 1e-4 as the paper; set --iters for a real run
-    ("tokenflow-b", "teacher"): dict(iters=0, batch_size=256, lr=1e-4),
+    ("toy", "teacher"): dict(iters=1000, batch_size=64, lr=1e-3),
+    ("toy", "tokenizer"): dict(iters=360, batch_size=16, lr=1.5e-3),
+    # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher PATH
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
 }
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
@@ -60,7 +59,7 @@ def get_args(argv=None):
                    help="train on one fixed batch: the loss should go towards zero (a debugging aid)")
     # output and bookkeeping
     p.add_argument("--out-dir", default="out", help="checkpoints, image grids and metrics.jsonl go here")
-    p.add_argument("--eval-interval", type=int, default=200, help="held-out evaluation + checkpoint every N steps")
+    p.add_argument("--eval-interval", type=int, default=250, help="held-out evaluation + checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue a stage from its checkpoint in OUT_DIR")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the data and the held-out split")
     # system
@@ -77,6 +76,9 @@ def get_args(argv=None):
         p.error(f"--lr must be > 0, got {args.lr}")
     if args.preset not in tf.PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {sorted(tf.PRESETS)}")
+    if args.teacher == "toy" and (args.preset, "teacher") not in DEFAULTS:
+        p.error(f"preset {args.preset!r} has no toy teacher; give --teacher PATH (a teacher checkpoint "
+                f"with the preset's ViT sizes)")
     if args.teacher != "toy" and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy' or the path of a teacher checkpoint")
     return args
@@ -247,7 +249,8 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
     step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = tf.load_checkpoint(ckpt_path, stage)
-        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         tqdm.write(f"{stage}: resumed from {ckpt_path} at step {step}")
     scaler = torch.amp.GradScaler(enabled=args.dtype == "float16")
@@ -267,10 +270,12 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
             loss, stats = step_fn(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(opt), scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.3g}" for k, v in stats.items()})
+        bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
+                        **{k: f"{v:.3g}" for k, v in stats.items()})
     step = hp["iters"]
     row = {"stage": stage, "step": step, "split": "val", **eval_fn(step), "train_s": round(time.time() - t0, 1)}
     log_metrics(args, row)
@@ -325,7 +330,7 @@ def load_teacher(args, cfg):
 
 
 @torch.no_grad()
-def evaluate_tokenizer(args, tokenizer, teacher, step):
+def evaluate_tokenizer(args, tokenizer, teacher):
     """Held-out PSNR, codebook usage and perplexity over all tokens, semantic cosine; the tokens
     go through the real path (encode -> ids -> decode), as a user of the tokenizer sees them."""
     tokenizer.eval()
@@ -338,7 +343,8 @@ def evaluate_tokenizer(args, tokenizer, teacher, step):
             x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
             cos.append(F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(),
                                            teacher.features(x).float(), dim=-1).mean(1))
-        psnrs.append(psnr(x_rec, x)), ids.append(idx)
+        psnrs.append(psnr(x_rec, x))
+        ids.append(idx)
         if len(psnrs) == 1:
             save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, "reconstructions.png"))
     usage, perplexity = tf.codebook_usage(torch.cat(ids), tokenizer.cfg.codebook_size)
@@ -367,7 +373,7 @@ def train_tokenizer(args, cfg):
                            optimizer=opt.state_dict(), args=vars(args))
 
     return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), step_fn,
-                      lambda step: evaluate_tokenizer(args, tokenizer, teacher, step), save_fn)
+                      lambda step: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
 
 
 # ---------------------------------------------------------------------------------------------
