@@ -30,7 +30,7 @@ import tokenflow as tf
 
 DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning rate
     ("toy", "teacher"): dict(iters=1000, batch_size=64, lr=1e-3),
-    ("toy", "tokenizer"): dict(iters=360, batch_size=16, lr=1.5e-3),
+    ("toy", "tokenizer"): dict(iters=360, batch_size=16, lr=1e-3),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher PATH
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
 }
@@ -180,6 +180,13 @@ def make_dataset(args, cfg, split):
     return ShapesDataset(sizes[split], cfg.image_size, args.seed, split)
 
 
+def eval_loader(args, cfg, batch_size):
+    """The held-out split in order. Its own generator: evaluating must not draw from the global RNG
+    that training uses (for the scale drop), or the eval interval would change the training run."""
+    return torch.utils.data.DataLoader(make_dataset(args, cfg, "val"), batch_size=batch_size,
+                                       generator=torch.Generator())
+
+
 def batches(dataset, batch_size, args, seed):
     """Endless iterator of (x (B, 3, S, S), y (B,)) on the device, reshuffled each epoch."""
     g = torch.Generator().manual_seed(seed)
@@ -242,7 +249,7 @@ def make_optimizer(params, lr, args, weight_decay):
 
 def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_decay=0.0):
     """The one loop every stage shares: lr -> every N steps eval + checkpoint -> step -> log.
-    step_fn(x, y) -> (loss, dict of floats); eval_fn(step) -> dict; save_fn(step, optimizer)."""
+    step_fn(x, y) -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, optimizer)."""
     hp = {k: getattr(args, k) if getattr(args, k) is not None else v
           for k, v in DEFAULTS[(args.preset, stage)].items()}
     opt = make_optimizer(params, hp["lr"], args, weight_decay)
@@ -253,6 +260,8 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         tqdm.write(f"{stage}: resumed from {ckpt_path} at step {step}")
+    elif args.resume:
+        tqdm.write(f"{stage}: --resume given but there is no {ckpt_path}; starting from step 0")
     scaler = torch.amp.GradScaler(enabled=args.dtype == "float16")
     data = batches(make_dataset(args, model.cfg, "train"), hp["batch_size"], args, args.seed + step)
     bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step)
@@ -262,7 +271,7 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
         for group in opt.param_groups:
             group["lr"] = lr
         if step > 0 and step % args.eval_interval == 0:
-            log_metrics(args, {"stage": stage, "step": step, "split": "val", **eval_fn(step)})
+            log_metrics(args, {"stage": stage, "step": step, "split": "val", **eval_fn()})
             save_fn(step, opt)
         x, y = next(data)
         model.train()
@@ -277,7 +286,7 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
         bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
                         **{k: f"{v:.3g}" for k, v in stats.items()})
     step = hp["iters"]
-    row = {"stage": stage, "step": step, "split": "val", **eval_fn(step), "train_s": round(time.time() - t0, 1)}
+    row = {"stage": stage, "step": step, "split": "val", **eval_fn(), "train_s": round(time.time() - t0, 1)}
     log_metrics(args, row)
     save_fn(step, opt)
     return row
@@ -291,7 +300,7 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
 def evaluate_teacher(args, teacher):
     teacher.eval()
     correct = 0
-    for x, y in torch.utils.data.DataLoader(make_dataset(args, teacher.cfg, "val"), batch_size=256):
+    for x, y in eval_loader(args, teacher.cfg, 256):
         with autocast_ctx(args):
             correct += (teacher(x.to(args.device)).argmax(1).cpu() == y).sum().item()
     return {"acc": correct / EVAL_IMAGES}
@@ -311,7 +320,7 @@ def train_teacher(args, cfg):
                            num_classes=teacher.num_classes, optimizer=opt.state_dict(), args=vars(args))
 
     return train_loop(args, "teacher", teacher, list(teacher.parameters()), step_fn,
-                      lambda step: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
+                      lambda: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +344,7 @@ def evaluate_tokenizer(args, tokenizer, teacher):
     go through the real path (encode -> ids -> decode), as a user of the tokenizer sees them."""
     tokenizer.eval()
     psnrs, cos, ids = [], [], []
-    for x, _ in torch.utils.data.DataLoader(make_dataset(args, tokenizer.cfg, "val"), batch_size=128):
+    for x, _ in eval_loader(args, tokenizer.cfg, 128):
         x = x.to(args.device)
         with autocast_ctx(args):
             idx = tokenizer.encode(x)
@@ -373,7 +382,7 @@ def train_tokenizer(args, cfg):
                            optimizer=opt.state_dict(), args=vars(args))
 
     return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), step_fn,
-                      lambda step: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
+                      lambda: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
 
 
 # ---------------------------------------------------------------------------------------------
