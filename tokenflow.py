@@ -47,8 +47,8 @@ class TokenizerConfig:
     # semantic encoder: a ViT with the teacher's shape, initialised from the teacher's weights
     patch_size: int = 16  # ViT patch; the token grid side is image_size // patch_size
     vit_width: int = 768  # D (ViT-B/16); the semantic decoder uses the same width
-    vit_depth: int = 12
-    vit_heads: int = 12
+    vit_depth: int = 12  # transformer blocks of the teacher-shaped ViT
+    vit_heads: int = 12  # attention heads, in every ViT here
     vit_stem_ch: int = 0  # 0: CLIP's single patch conv; > 0: a conv stem of that width (toy, see ViT)
     teacher_dim: int = 512  # T: teacher feature width (CLIP ViT-B/16 `proj` output)
     sem_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # teacher input normalisation on
@@ -69,7 +69,7 @@ class TokenizerConfig:
     scales: tuple = (1, 2, 4, 6, 8, 10, 12, 14)  # residual VQ sides, coarse to fine; last = grid side
     scale_drop: float = 0.1  # P(drop one scale of index >= 1) per training forward (official)
     # semantic decoder: a ViT over the code grid (patch 1), then Linear-Tanh-Linear to T
-    sem_dec_depth: int = 3
+    sem_dec_depth: int = 3  # blocks of the semantic decoder ViT (official: 3)
 
     def __post_init__(self):
         for f in fields(self):  # a config read back from a checkpoint has lists, not tuples
@@ -201,17 +201,6 @@ class Block(nn.Module):
 def mlp_head(d_in, d_out):
     """Linear-Tanh-Linear, TokenFlow's task layer between a ViT and a code or teacher space."""
     return nn.Sequential(nn.Linear(d_in, d_in), nn.Tanh(), nn.Linear(d_in, d_out))
-
-
-def sincos_positions(grid, width):
-    """(1 + grid*grid, width) 2-D sin-cos table (MAE, https://arxiv.org/abs/2111.06377), row 0 for the
-    class token. Used to initialise the learned positions: short runs start with a sense of space."""
-    pos = torch.arange(grid, dtype=torch.float32)
-    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
-    yy, xx = torch.meshgrid(pos, pos, indexing="ij")
-    angles = [c.flatten()[:, None] * freqs for c in (yy, xx)]  # 2 x (g*g, width/4)
-    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (g*g, width)
-    return torch.cat([torch.zeros(1, width), table])
 
 
 def init_weights(module):
@@ -369,10 +358,11 @@ class DualCodebook(nn.Module):
     def search(self, u_sem, u_pix, max_scores=2**22):
         """nearest() for inputs already l2-normalised. Scores are fp32, computed for bounded row
         chunks (at most max_scores floats at once): no N x K one-hot, no full distance matrix."""
-        z = torch.cat([u_sem.float(), self.pix_weight * u_pix.float()], 1)  # (N, C)
-        e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)  # (K, C)
-        rows = max(1, max_scores // e.shape[0])
-        return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(rows)])  # (N,)
+        with torch.autocast(u_sem.device.type, enabled=False):  # autocast would run the matmul in bf16
+            z = torch.cat([u_sem.float(), self.pix_weight * u_pix.float()], 1)  # (N, C)
+            e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)  # (K, C)
+            rows = max(1, max_scores // e.shape[0])
+            return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(rows)])  # (N,)
 
     def forward(self, z_NC):
         """z (N, sem_dim + pix_dim), not normalised -> q (N, C) straight-through, idx (N,), stats."""
@@ -498,7 +488,7 @@ class TokenFlow(nn.Module):
 
     def forward(self, x_B3HW):
         """Training pass -> reconstruction (B, 3, H, W), decoded semantic features (B, n*n, T) and a
-        dict: vq (loss), d_sem, d_pix, usage, perplexity (statistics, averaged over scales)."""
+        dict: vq (loss) and d_sem, d_pix (averaged over scales); usage, perplexity (over all scales' ids)."""
         f_hat, _, stats = self.quantize(self.features(x_B3HW), self.train_scales())
         return self.pixel_decode(f_hat), self.semantic_decode(f_hat), stats
 
@@ -518,16 +508,16 @@ def save_checkpoint(path, kind, config, model, step=0, **extra):
     os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
 
 
-def load_checkpoint(path, kind):
-    """Read a checkpoint of the given kind ('teacher', 'tokenizer', ...) without running any code."""
+def load_checkpoint(path, kind=None):
+    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer'), check it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}; train it first (python train.py --stage {kind})")
+        raise FileNotFoundError(f"no checkpoint at {path}; train it first (python train.py --stage {kind or 'all'})")
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path} is not a checkpoint this code can read safely ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]}); it is corrupt or holds more than tensors and plain values")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
     return ckpt

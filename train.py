@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -45,7 +46,8 @@ def get_args(argv=None):
     p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer"],
                    help="which stage to run; 'all' runs teacher then tokenizer")
     p.add_argument("--teacher", default="toy",
-                   help="'toy' trains (or reuses) OUT_DIR/teacher.pt; a path uses that teacher checkpoint")
+                   help="'toy': the teacher stage trains OUT_DIR/teacher.pt and the tokenizer stage reads it; "
+                        "a path: the tokenizer stage uses that teacher checkpoint (no teacher stage)")
     # data
     p.add_argument("--dataset", default="shapes", choices=["shapes"],
                    help="'shapes': synthetic, rendered on the fly (deterministic per index and seed)")
@@ -79,6 +81,8 @@ def get_args(argv=None):
     if args.teacher == "toy" and (args.preset, "teacher") not in DEFAULTS:
         p.error(f"preset {args.preset!r} has no toy teacher; give --teacher PATH (a teacher checkpoint "
                 f"with the preset's ViT sizes)")
+    if args.teacher != "toy" and args.stage == "teacher":
+        p.error(f"--stage teacher trains the toy teacher; drop --teacher {args.teacher!r} or use --stage tokenizer")
     if args.teacher != "toy" and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy' or the path of a teacher checkpoint")
     return args
@@ -256,13 +260,19 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
     step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = tf.load_checkpoint(ckpt_path, stage)
+        saved = tf.config_from_dict(tf.TokenizerConfig, ckpt["config"])
+        if saved != model.cfg:
+            diff = [f"{k} = {getattr(saved, k)} there, {getattr(model.cfg, k)} here" for k in asdict(saved)
+                    if getattr(saved, k) != getattr(model.cfg, k)]
+            raise ValueError(f"cannot resume from {ckpt_path}: its config differs ({'; '.join(diff)}); "
+                             "use the preset it was trained with or another --out-dir")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         tqdm.write(f"{stage}: resumed from {ckpt_path} at step {step}")
     elif args.resume:
         tqdm.write(f"{stage}: --resume given but there is no {ckpt_path}; starting from step 0")
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "float16")
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
     data = batches(make_dataset(args, model.cfg, "train"), hp["batch_size"], args, args.seed + step)
     bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step)
     t0 = time.time()
@@ -331,7 +341,8 @@ def load_teacher(args, cfg):
     """The frozen teacher, checked against the tokenizer config it must match."""
     path = os.path.join(args.out_dir, "teacher.pt") if args.teacher == "toy" else args.teacher
     teacher, _ = tf.load_model(path, "teacher")
-    for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "teacher_dim", "sem_mean", "sem_std"):
+    for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_stem_ch", "teacher_dim",
+              "sem_mean", "sem_std"):
         if getattr(teacher.cfg, k) != getattr(cfg, k):
             raise ValueError(f"teacher {path} has {k} = {getattr(teacher.cfg, k)} but preset "
                              f"{args.preset!r} has {k} = {getattr(cfg, k)}; train a teacher for this preset")
