@@ -207,6 +207,7 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     (dict(scales=(1, 2, 3)), "end at the token grid side 4"),
     (dict(scales=(2, 1, 4)), "increase strictly"),
     (dict(pix_ch=48), "multiples of 32"),
+    (dict(vit_stem_ch=48), "conv stem"),
 ])
 def test_inconsistent_configs_are_refused(change, message):
     with pytest.raises(ValueError, match=message):

@@ -88,6 +88,9 @@ class TokenizerConfig:
                 f"scales {self.scales} must increase strictly and end at the token grid side "
                 f"{int(n_sem)} (= image_size {self.image_size} / patch_size {self.patch_size})"
             )
+        if self.vit_stem_ch and (self.vit_stem_ch % 32 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"a conv stem (vit_stem_ch {self.vit_stem_ch}) needs a multiple of 32 channels "
+                             f"and a power-of-two patch_size (got {self.patch_size}); or set vit_stem_ch = 0")
         if self.pix_ch % 32 or self.pix_dec_ch % 32 or self.vit_width % self.vit_heads:
             raise ValueError(
                 f"pix_ch {self.pix_ch} and pix_dec_ch {self.pix_dec_ch} must be multiples of 32 "
