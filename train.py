@@ -70,12 +70,12 @@ def get_args(argv=None):
                    help="autocast dtype for forward passes (weights and optimiser stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
     args = p.parse_args(argv)
-    for name in ("iters", "batch_size", "num_workers", "eval_interval"):
-        v = getattr(args, name)
-        if v is not None and (v < 0 or (v == 0 and name in ("batch_size", "eval_interval"))):
-            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('iters', 'num_workers') else '> 0'}, got {v}")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    for name in ("iters", "num_workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "eval_interval", "lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.preset not in tf.PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {sorted(tf.PRESETS)}")
     if args.teacher == "toy" and (args.preset, "teacher") not in DEFAULTS:
@@ -210,6 +210,12 @@ def batches(dataset, batch_size, args, seed):
 # Helpers: learning rate, autocast, logging, image grids
 
 
+def config_diff(a, b, keys=None):
+    """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
+    keys = keys or asdict(a).keys()
+    return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
+
+
 def get_lr(step, iters, peak):
     """Linear warmup, then cosine decay to peak / 10."""
     warmup = max(1, int(WARMUP * iters))
@@ -260,12 +266,10 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
     step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = tf.load_checkpoint(ckpt_path, stage)
-        saved = tf.config_from_dict(tf.TokenizerConfig, ckpt["config"])
-        if saved != model.cfg:
-            diff = [f"{k} = {getattr(saved, k)} there, {getattr(model.cfg, k)} here" for k in asdict(saved)
-                    if getattr(saved, k) != getattr(model.cfg, k)]
-            raise ValueError(f"cannot resume from {ckpt_path}: its config differs ({'; '.join(diff)}); "
-                             "use the preset it was trained with or another --out-dir")
+        diff = config_diff(tf.config_from_dict(tf.TokenizerConfig, ckpt["config"]), model.cfg)
+        if diff:
+            raise ValueError(f"cannot resume from {ckpt_path}: checkpoint vs preset {args.preset!r} differ in "
+                             f"{'; '.join(diff)}; use the preset it was trained with or another --out-dir")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -341,11 +345,11 @@ def load_teacher(args, cfg):
     """The frozen teacher, checked against the tokenizer config it must match."""
     path = os.path.join(args.out_dir, "teacher.pt") if args.teacher == "toy" else args.teacher
     teacher, _ = tf.load_model(path, "teacher")
-    for k in ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "vit_stem_ch", "teacher_dim",
-              "sem_mean", "sem_std"):
-        if getattr(teacher.cfg, k) != getattr(cfg, k):
-            raise ValueError(f"teacher {path} has {k} = {getattr(teacher.cfg, k)} but preset "
-                             f"{args.preset!r} has {k} = {getattr(cfg, k)}; train a teacher for this preset")
+    diff = config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
+                                          "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
+    if diff:
+        raise ValueError(f"teacher {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
+                         "train a teacher for this preset")
     return teacher.to(args.device).eval().requires_grad_(False)
 
 
