@@ -171,8 +171,25 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class KVCache:
+    """Keys and values of one attention layer for the tokens run so far (GPT sampling only).
+    With store=False new tokens attend to the cache and to themselves but are not added to it."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.store = True
+
+    def __call__(self, k, v):  # (B, heads, l, d) each -> all keys and values up to these tokens
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        if self.store:
+            self.k, self.v = k, v
+        return k, v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with CLIP's fused in-projection."""
+    """Multi-head self-attention with CLIP's fused in-projection; an optional boolean mask
+    (True = may attend) and an optional KVCache that prepends earlier tokens' keys and values."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -180,10 +197,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BND):
+    def forward(self, x_BND, mask=None, cache=None):
         B, N, D = x_BND.shape
-        qkv = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, D/heads)
+        q, k, v = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache(k, v)  # (B, heads, N_cached + N, D/heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, D/heads)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -196,8 +215,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -497,6 +516,171 @@ class TokenFlow(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# The generator: a GPT that predicts every token of the next scale at once (VAR's next-scale
+# prediction), over the tokenizer's shared ids
+
+
+@dataclass
+class GPTConfig:
+    num_classes: int = 1000  # labels 0 .. num_classes - 1; the label num_classes is the null class
+    width: int = 1024  # D (VAR-d16: width 1024, depth 16, 16 heads)
+    depth: int = 16  # transformer blocks
+    heads: int = 16  # attention heads
+    class_drop: float = 0.1  # P(label -> null class) per training image, for classifier-free guidance
+
+    def __post_init__(self):
+        if self.width % self.heads or self.num_classes < 1:
+            raise ValueError(f"GPT width {self.width} must be a multiple of heads {self.heads}, "
+                             f"and num_classes ({self.num_classes}) at least 1")
+
+
+def sample_logits(logits_NK, temperature=1.0, top_k=0, top_p=0.0, generator=None):
+    """One id per row of logits (N, K) -> (N,). top_k > 0 keeps the k most likely ids; 0 < top_p < 1
+    then keeps the smallest set of them whose probability reaches top_p (nucleus sampling, Holtzman
+    et al. 2019); 0 turns either filter off. Filtering the top-k first avoids sorting all K ids."""
+    logits = logits_NK.float() / temperature
+    ids = None  # positions in the (filtered, sorted) logits map back to ids through this
+    if top_k > 0:
+        logits, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # sorted, most likely first
+    elif 0 < top_p < 1:
+        logits, ids = logits.sort(dim=-1, descending=True)
+    probs = logits.softmax(-1)
+    if 0 < top_p < 1:
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the top id always stays
+    pick = torch.multinomial(probs, 1, generator=generator)  # (N, 1); unnormalised weights are fine
+    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
+
+
+class GPT(nn.Module):
+    """Class-conditional next-scale prediction (VAR, Sec. 3) over a tokenizer's shared ids.
+    The tokens of scale k read the cumulative quantized feature after scale k-1 (scale 1 reads the
+    class embedding) and all of them are predicted at once; scale k attends to scales <= k.
+    Built from a trained tokenizer, whose unit codes it keeps as a frozen, unsaved buffer."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__()
+        self.cfg, self.tokenizer_cfg = cfg, tokenizer.cfg
+        scales, D, K = tokenizer.cfg.scales, cfg.width, tokenizer.cfg.codebook_size
+        # 0. the tokenizer's side: unit codes [e_sem, e_pix] (K, C), scales, grid side
+        codes = tokenizer.codebook.lookup(torch.arange(K, device=tokenizer.codebook.sem.device))
+        self.register_buffer("codes", codes.detach().clone(), persistent=False)
+        self.scales, self.grid = scales, tokenizer.cfg.grid
+        level = torch.cat([torch.full((s * s,), si) for si, s in enumerate(scales)])  # (L,) scale of each position
+        self.register_buffer("level", level, persistent=False)
+        self.register_buffer("mask", level[None, :] <= level[:, None], persistent=False)  # (L, L) block-causal
+        # 1. inputs: class embedding (start token), projected codes, position and level embeddings
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, D)
+        self.word_embed = nn.Linear(codes.shape[1], D)
+        self.pos_embed = nn.Parameter(torch.randn(len(level), D) * 0.02)
+        self.level_embed = nn.Embedding(len(scales), D)
+        # 2. transformer, 3. head over the K shared ids
+        self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, K)
+        init_weights(self)
+        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
+        nn.init.trunc_normal_(self.level_embed.weight, std=0.02)
+
+    def check_inputs(self, labels_B, idx_BL=None):
+        if labels_B.dtype != torch.long or ((labels_B < 0) | (labels_B > self.cfg.num_classes)).any():
+            raise ValueError(f"class labels must be integers in [0, {self.cfg.num_classes}) ({self.cfg.num_classes} "
+                             f"= unconditional), got {labels_B.tolist()}")
+        L, K = len(self.level), len(self.codes)
+        if idx_BL is not None and (idx_BL.ndim != 2 or idx_BL.shape != (len(labels_B), L)):
+            raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected ({len(labels_B)}, {L}) "
+                             f"for scales {self.scales} and {len(labels_B)} labels")
+        if idx_BL is not None and ((idx_BL < 0) | (idx_BL >= K)).any():
+            raise ValueError(f"token ids must lie in [0, {K}), the codebook size")
+
+    def scale_codes(self, idx_Bl, s):
+        return self.codes[idx_Bl].transpose(1, 2).unflatten(2, (s, s))  # (B, C, s, s)
+
+    def next_input(self, f_hat_BCnn, s):
+        """The cumulative feature, area-resized to the next scale's s x s tokens (VAR) -> (B, s*s, D)."""
+        return self.word_embed(F.interpolate(f_hat_BCnn, size=(s, s), mode="area").flatten(2).transpose(1, 2))
+
+    def embed(self, x_BlD, start):
+        """Add position and level embeddings to the tokens at positions start .. start + l."""
+        pos = slice(start, start + x_BlD.shape[1])
+        return x_BlD + self.pos_embed[pos] + self.level_embed(self.level[pos])
+
+    # -- teacher forcing (training)
+
+    def forward(self, idx_BL, labels_B):
+        """ids (B, L) of all scales and class labels (B,) -> logits (B, L, K): position i predicts
+        idx[:, i] from the scales before its own. In training, labels become the null class
+        with p = class_drop."""
+        self.check_inputs(labels_B, idx_BL)
+        B, n = idx_BL.shape[0], self.grid
+        if self.training and self.cfg.class_drop > 0:
+            drop = torch.rand(B, device=labels_B.device) < self.cfg.class_drop
+            labels_B = torch.where(drop, self.cfg.num_classes, labels_B)
+        # 1. inputs: the start token, then for each next scale the sum of the codes so far
+        x, f_hat, start = [self.class_emb(labels_B)[:, None]], 0, 0  # (B, 1, D) for scale 1
+        for s, s_next in zip(self.scales[:-1], self.scales[1:]):
+            f_hat = f_hat + upsample(self.scale_codes(idx_BL[:, start:start + s * s], s), n)  # as the tokenizer
+            x.append(self.next_input(f_hat, s_next))
+            start += s * s
+        x = self.embed(torch.cat(x, dim=1), 0)  # (B, L, D)
+        # 2. block-causal transformer, 3. logits
+        for block in self.blocks:
+            x = block(x, mask=self.mask)
+        return self.head(self.ln_f(x))  # (B, L, K)
+
+    # -- sampling
+
+    def scale_logits(self, x_BlD, start, caches, t, store=True):
+        """One scale's inputs through the blocks, attending to the cache -> logits (B*l, K); the
+        batch holds conditional then unconditional rows when t is not None: CFG with weight t."""
+        x = self.embed(x_BlD, start)
+        for block, cache in zip(self.blocks, caches):
+            cache.store = store
+            x = block(x, cache=cache)
+        logits = self.head(self.ln_f(x)).float()  # (B or 2B, l, K)
+        if t is not None:
+            cond, uncond = logits.chunk(2)
+            logits = (1 + t) * cond - t * uncond  # classifier-free guidance (Ho & Salimans 2022)
+        return logits.flatten(0, 1)
+
+    @torch.no_grad()
+    def generate(self, labels, cfg=3.0, cfg_schedule="linear", temperature=1.0, top_k=0, top_p=0.0,
+                 generator=None, refine=None):
+        """Class labels (B,) long -> ids (B, L), one forward of each scale's tokens through a KV cache.
+        cfg: classifier-free guidance weight t_max, logits = (1 + t) cond - t uncond with t = cfg * k / (S - 1)
+          at scale k = 0 .. S-1 ('linear', the official schedule) or t = cfg ('constant'); cfg = 0 samples
+          from the conditional logits in a single pass of B, otherwise one batched pass of 2B.
+        temperature, top_k, top_p: see sample_logits. generator: a seeded torch.Generator.
+        refine: TokenFlow's multi-step sampling, a list of (top_k, top_p) pairs. After scale k >= 2 is
+          sampled, it is predicted again with its own sample fed in (the cumulative feature including
+          it) and resampled, once per pair. The paper uses top_k, top_p = 1200, 0.8 and refine
+          [(100, 0.8), (1, 0.0)]. The cache keeps the first pass, so later scales see the same
+          inputs as in training."""
+        self.check_inputs(labels)
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        B, S, n = len(labels), len(self.scales), self.grid
+        guided = cfg != 0
+        rows = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
+        double = (lambda x: x.repeat(2, 1, 1)) if guided else (lambda x: x)  # same inputs for both halves
+        caches = [KVCache() for _ in self.blocks]
+        x, f_hat, start, out = self.class_emb(rows)[:, None], self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
+        for si, s in enumerate(self.scales):
+            t = (cfg * si / max(1, S - 1) if cfg_schedule == "linear" else cfg) if guided else None
+            idx_Bl = sample_logits(self.scale_logits(x, start, caches, t), temperature, top_k, top_p,
+                                   generator).view(B, s * s)
+            for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
+                x_r = double(self.next_input(f_hat + upsample(self.scale_codes(idx_Bl, s), n), s))
+                logits = self.scale_logits(x_r, start, caches, t, store=False)
+                idx_Bl = sample_logits(logits, temperature, k_r, p_r, generator).view(B, s * s)
+            f_hat = f_hat + upsample(self.scale_codes(idx_Bl, s), n)
+            out.append(idx_Bl)
+            start += s * s
+            if si + 1 < S:
+                x = double(self.next_input(f_hat, self.scales[si + 1]))
+        return torch.cat(out, dim=1)  # (B, L)
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and primitives, so torch.load(weights_only=True) reads them
 
 
@@ -526,11 +710,21 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
-def load_model(path, kind):
-    """Rebuild a 'teacher' or 'tokenizer' from its checkpoint alone -> (model, checkpoint dict)."""
+def load_model(path, kind, tokenizer=None):
+    """Rebuild a 'teacher', 'tokenizer' or 'gpt' from its checkpoint alone -> (model, checkpoint dict).
+    A GPT also needs the tokenizer it was trained on, whose codebook size and scales must match."""
     ckpt = load_checkpoint(path, kind)
-    cfg = config_from_dict(TokenizerConfig, ckpt["config"])
-    model = Teacher(cfg, ckpt["num_classes"]) if kind == "teacher" else TokenFlow(cfg)
+    if kind == "gpt":
+        theirs = config_from_dict(TokenizerConfig, ckpt["tokenizer_config"])
+        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}"
+                for k in ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
+        if diff:
+            raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
+                             "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
+        model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
+    else:
+        cfg = config_from_dict(TokenizerConfig, ckpt["config"])
+        model = Teacher(cfg, ckpt["num_classes"]) if kind == "teacher" else TokenFlow(cfg)
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 
@@ -544,7 +738,8 @@ PRESETS = {
         image_size=32, patch_size=4, vit_width=64, vit_depth=4, vit_heads=2, vit_stem_ch=32, teacher_dim=64,
         sem_mean=(0.5, 0.5, 0.5), sem_std=(0.5, 0.5, 0.5),  # toy teacher reads [-1, 1] as is
         pix_ch=32, pix_ch_mult=(1, 2, 2), pix_res_blocks=1, z_channels=64, pix_dec_ch=32, pix_dec_res_blocks=1,
-        codebook_size=512, scales=(1, 2, 4, 6, 8), sem_dec_depth=2)},
+        codebook_size=512, scales=(1, 2, 4, 6, 8), sem_dec_depth=2),
+        "gpt": GPTConfig(num_classes=8, width=128, depth=4, heads=4)},
     # TokenFlow-B: CLIP ViT-B/16 teacher at 224 px, 14x14 grid, K = 32,768, L = 561
-    "tokenflow-b": {"tokenizer": TokenizerConfig()},
+    "tokenflow-b": {"tokenizer": TokenizerConfig(), "gpt": GPTConfig()},
 }

@@ -1,8 +1,8 @@
 """
-Train TokenFlow, stage by stage: the toy teacher, then the tokenizer.
+Train TokenFlow, stage by stage: the toy teacher, the tokenizer, then the next-scale GPT.
 
-    python train.py                      # the CPU toy run: shapes -> teacher -> tokenizer, into out/
-    python train.py --stage tokenizer    # one stage, reading earlier stages' checkpoints from out/
+    python train.py                      # the CPU toy run: shapes -> teacher -> tokenizer -> GPT, into out/
+    python train.py --stage gpt          # one stage, reading earlier stages' checkpoints from out/
     python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
 
 Everything a stage needs is saved in its checkpoint (config, weights, optimiser, args), so
@@ -10,13 +10,15 @@ sample.py and later stages rebuild models from checkpoints alone.
 """
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -34,17 +36,22 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("toy", "tokenizer"): dict(iters=360, batch_size=16, lr=1e-3),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher PATH
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
+    ("toy", "gpt"): dict(iters=500, batch_size=64, lr=1e-3),
+    # VAR-d16's recipe: 200 epochs of ImageNet at batch 768, lr 1e-4 * 768 / 256
+    ("tokenflow-b", "gpt"): dict(iters=330_000, batch_size=768, lr=3e-4),
 }
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
 EVAL_IMAGES = 1024  # held-out images per evaluation
+SHAPES_GPT_IMAGES = 8192  # shapes is endless; the GPT learns from this many tokenized training images
+DEFAULT_CFG = inspect.signature(tf.GPT.generate).parameters["cfg"].default  # recorded with class_acc
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
     p.add_argument("--preset", default="toy", help=f"model sizes, one of {sorted(tf.PRESETS)}")
-    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer"],
-                   help="which stage to run; 'all' runs teacher then tokenizer")
+    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer", "gpt"],
+                   help="which stage to run; 'all' runs teacher, tokenizer, then GPT")
     p.add_argument("--teacher", default="toy",
                    help="'toy': the teacher stage trains OUT_DIR/teacher.pt and the tokenizer stage reads it; "
                         "a path: the tokenizer stage uses that teacher checkpoint (no teacher stage)")
@@ -179,16 +186,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
 
-def make_dataset(args, cfg, split):
+def make_dataset(args, cfg, split, size=None):
     sizes = {"train": 1_000_000, "val": EVAL_IMAGES}  # shapes: effectively endless training data
-    return ShapesDataset(sizes[split], cfg.image_size, args.seed, split)
+    return ShapesDataset(size or sizes[split], cfg.image_size, args.seed, split)
 
 
-def eval_loader(args, cfg, batch_size):
-    """The held-out split in order. Its own generator: evaluating must not draw from the global RNG
-    that training uses (for the scale drop), or the eval interval would change the training run."""
-    return torch.utils.data.DataLoader(make_dataset(args, cfg, "val"), batch_size=batch_size,
-                                       generator=torch.Generator())
+def eval_loader(dataset, batch_size):
+    """A held-out split in order. Its own generator: evaluating must not draw from the global RNG
+    that training uses (scale drop, class drop), or the eval interval would change the training run."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
 
 
 def batches(dataset, batch_size, args, seed):
@@ -204,6 +210,69 @@ def batches(dataset, batch_size, args, seed):
                 fixed = fixed if fixed is not None else (x, y)
                 x, y = fixed
             yield x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Tokenized images: ids (N, L) uint16 or int32 (a NumPy array or memory map) and labels (N,).
+    Items are (ids (L,) long, class)."""
+
+    def __init__(self, ids, labels):
+        self.ids, self.labels = ids, labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitems__(self, indices):
+        ids = torch.from_numpy(self.ids[indices].astype(np.int64))
+        return list(zip(ids, torch.from_numpy(self.labels[indices].astype(np.int64))))
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_npy(path, array):
+    """np.save through a temporary file and a rename, so a crash never leaves half a file."""
+    with open(f"{path}.tmp", "wb") as f:
+        np.save(f, array)
+    os.replace(f"{path}.tmp", path)
+
+
+@torch.no_grad()
+def token_file(args, tokenizer, tokenizer_path, split):
+    """Tokenize a split once -> TokenDataset; reused while the tokenizer checkpoint and the data are
+    the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json, written last)."""
+    images = SHAPES_GPT_IMAGES if split == "train" else None
+    dataset = make_dataset(args, tokenizer.cfg, split, images)
+    root = os.path.join(args.out_dir, "tokens")
+    paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
+    meta = {"tokenizer_sha256": file_sha256(tokenizer_path), "dataset": args.dataset, "seed": args.seed,
+            "images": len(dataset), "seq_len": tokenizer.cfg.seq_len}
+    if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
+        return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
+    os.makedirs(root, exist_ok=True)
+    K = tokenizer.cfg.codebook_size
+    ids = np.empty((len(dataset), tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32)
+    labels, start = np.empty(len(dataset), np.int64), 0
+    tokenizer.eval()
+    for x, y in tqdm(eval_loader(dataset, 256), desc=f"tokenize {split}", dynamic_ncols=True):
+        with autocast_ctx(args):
+            ids[start:start + len(x)] = tokenizer.encode(x.to(args.device)).cpu().numpy()
+        labels[start:start + len(x)] = y.numpy()
+        start += len(x)
+    save_npy(paths["ids.npy"], ids)
+    save_npy(paths["labels.npy"], labels)
+    with open(paths["meta.json"] + ".tmp", "w") as f:
+        json.dump(meta, f)
+    os.replace(paths["meta.json"] + ".tmp", paths["meta.json"])
+    return TokenDataset(ids, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,16 +326,16 @@ def make_optimizer(params, lr, args, weight_decay):
                              fused=args.device.startswith("cuda"))
 
 
-def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_decay=0.0):
+def train_loop(args, stage, model, params, dataset, step_fn, eval_fn, save_fn, weight_decay=0.0):
     """The one loop every stage shares: lr -> every N steps eval + checkpoint -> step -> log.
-    step_fn(x, y) -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, optimizer)."""
+    dataset yields (x, y); step_fn(x, y) -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, optimizer)."""
     hp = {k: getattr(args, k) if getattr(args, k) is not None else v
           for k, v in DEFAULTS[(args.preset, stage)].items()}
     opt = make_optimizer(params, hp["lr"], args, weight_decay)
     step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = tf.load_checkpoint(ckpt_path, stage)
-        diff = config_diff(tf.config_from_dict(tf.TokenizerConfig, ckpt["config"]), model.cfg)
+        diff = config_diff(tf.config_from_dict(type(model.cfg), ckpt["config"]), model.cfg)
         if diff:
             raise ValueError(f"cannot resume from {ckpt_path}: checkpoint vs preset {args.preset!r} differ in "
                              f"{'; '.join(diff)}; use the preset it was trained with or another --out-dir")
@@ -277,7 +346,7 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
     elif args.resume:
         tqdm.write(f"{stage}: --resume given but there is no {ckpt_path}; starting from step 0")
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
-    data = batches(make_dataset(args, model.cfg, "train"), hp["batch_size"], args, args.seed + step)
+    data = batches(dataset, hp["batch_size"], args, args.seed + step)
     bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step)
     t0 = time.time()
     for step in bar:
@@ -314,7 +383,7 @@ def train_loop(args, stage, model, params, step_fn, eval_fn, save_fn, weight_dec
 def evaluate_teacher(args, teacher):
     teacher.eval()
     correct = 0
-    for x, y in eval_loader(args, teacher.cfg, 256):
+    for x, y in eval_loader(make_dataset(args, teacher.cfg, "val"), 256):
         with autocast_ctx(args):
             correct += (teacher(x.to(args.device)).argmax(1).cpu() == y).sum().item()
     return {"acc": correct / EVAL_IMAGES}
@@ -333,8 +402,8 @@ def train_teacher(args, cfg):
         tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
                            num_classes=teacher.num_classes, optimizer=opt.state_dict(), args=vars(args))
 
-    return train_loop(args, "teacher", teacher, list(teacher.parameters()), step_fn,
-                      lambda: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
+    return train_loop(args, "teacher", teacher, list(teacher.parameters()), make_dataset(args, cfg, "train"),
+                      step_fn, lambda: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +428,7 @@ def evaluate_tokenizer(args, tokenizer, teacher):
     go through the real path (encode -> ids -> decode), as a user of the tokenizer sees them."""
     tokenizer.eval()
     psnrs, cos, ids = [], [], []
-    for x, _ in eval_loader(args, tokenizer.cfg, 128):
+    for x, _ in eval_loader(make_dataset(args, tokenizer.cfg, "val"), 128):
         x = x.to(args.device)
         with autocast_ctx(args):
             idx = tokenizer.encode(x)
@@ -396,8 +465,87 @@ def train_tokenizer(args, cfg):
         tf.save_checkpoint(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer", cfg, tokenizer, step,
                            optimizer=opt.state_dict(), args=vars(args))
 
-    return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), step_fn,
+    return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), make_dataset(args, cfg, "train"),
+                      step_fn,
                       lambda: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: the next-scale GPT, on the tokenizer's ids
+
+
+@torch.no_grad()
+def sample_grid(args, gpt, tokenizer, per_class=8, **kw):
+    """per_class generated images of every class (at most 16 classes) -> (rows of images, labels)."""
+    labels = torch.arange(min(gpt.cfg.num_classes, 16), device=args.device).repeat_interleave(per_class)
+    g = torch.Generator(args.device).manual_seed(args.seed)  # the same samples at every evaluation
+    with autocast_ctx(args):
+        x = tokenizer.decode(gpt.generate(labels, generator=g, **kw))
+    return list(x.split(per_class)), labels
+
+
+@torch.no_grad()
+def evaluate_gpt(args, gpt, tokenizer, val):
+    """Held-out next-token loss and token accuracy (overall and per scale); writes gpt_samples.png."""
+    gpt.eval()
+    S = len(gpt.scales)
+    loss, hits, counts = 0.0, torch.zeros(S), torch.zeros(S)
+    for idx, y in eval_loader(val, 256):
+        idx, y = idx.to(args.device), y.to(args.device)
+        with autocast_ctx(args):
+            logits = gpt(idx, y)
+        loss += F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten(), reduction="sum").item()
+        correct = (logits.argmax(-1) == idx).float().sum(0).cpu()  # (L,)
+        hits.index_add_(0, gpt.level.cpu(), correct)
+        counts.index_add_(0, gpt.level.cpu(), torch.full_like(correct, len(idx)))
+    rows, _ = sample_grid(args, gpt, tokenizer)
+    save_grid(rows, os.path.join(args.out_dir, "gpt_samples.png"))
+    return {"loss": loss / counts.sum().item(), "acc": (hits.sum() / counts.sum()).item(),
+            "acc_per_scale": [round(a, 4) for a in (hits / counts).tolist()]}
+
+
+@torch.no_grad()
+def class_accuracy(args, gpt, tokenizer, teacher, cfg, per_class=10):
+    """How often the teacher classifies generated images as the class they were generated for."""
+    gpt.eval()
+    labels = torch.arange(gpt.cfg.num_classes, device=args.device).repeat_interleave(per_class)
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    with autocast_ctx(args):
+        pred = teacher(tokenizer.decode(gpt.generate(labels, cfg=cfg, generator=g))).argmax(1)
+    return (pred == labels).float().mean().item()
+
+
+def train_gpt(args, tok_cfg, gpt_cfg):
+    tokenizer_path = os.path.join(args.out_dir, "tokenizer.pt")
+    tokenizer, _ = tf.load_model(tokenizer_path, "tokenizer")
+    diff = config_diff(tokenizer.cfg, tok_cfg)
+    if diff:
+        raise ValueError(f"tokenizer {tokenizer_path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
+                         "train a tokenizer for this preset first")
+    tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
+    train_set, val_set = (token_file(args, tokenizer, tokenizer_path, split) for split in ("train", "val"))
+    gpt_cfg = replace(gpt_cfg, num_classes=ShapesDataset.num_classes)
+    torch.manual_seed(args.seed)
+    gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
+    model = torch.compile(gpt) if args.compile else gpt
+
+    def step_fn(idx, y):
+        logits = model(idx, y)  # (B, L, K)
+        return F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten()), {}
+
+    def save_fn(step, opt):
+        tf.save_checkpoint(os.path.join(args.out_dir, "gpt.pt"), "gpt", gpt_cfg, gpt, step,
+                           tokenizer_config=asdict(tokenizer.cfg), optimizer=opt.state_dict(), args=vars(args))
+
+    row = train_loop(args, "gpt", gpt, list(gpt.parameters()), train_set, step_fn,
+                     lambda: evaluate_gpt(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
+    teacher = load_teacher(args, tok_cfg)
+    if teacher.head is not None:  # the toy teacher can classify what the GPT generates
+        row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG,
+               "class_acc": class_accuracy(args, gpt, tokenizer, teacher, DEFAULT_CFG),
+               "class_acc_cfg0": class_accuracy(args, gpt, tokenizer, teacher, 0.0)}
+        log_metrics(args, row)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +562,8 @@ def main(argv=None):
         results["teacher"] = train_teacher(args, cfg)
     if args.stage in ("all", "tokenizer"):
         results["tokenizer"] = train_tokenizer(args, cfg)
+    if args.stage in ("all", "gpt"):
+        results["gpt"] = train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])
     return results
 
 
