@@ -4,16 +4,20 @@ Invariants of the tokenizer and the training script, on tiny CPU configs.
     python -m pytest -q test_tokenflow.py
 """
 
+import json
 import os
 import pickle
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import sample
 import tokenflow as tf
 import train
 
@@ -185,6 +189,190 @@ def test_wrong_token_count_is_refused(tiny):
 
 
 # ---------------------------------------------------------------------------------------------
+# Next-scale GPT
+
+GPT_TINY = tf.GPTConfig(num_classes=3, width=32, depth=2, heads=2)
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny):
+    torch.manual_seed(1)
+    return tf.GPT(GPT_TINY, tiny).eval()
+
+
+def scale_bounds(cfg):
+    """[(start, end)] of each scale's positions in the sequence."""
+    ends = torch.tensor([s * s for s in cfg.scales]).cumsum(0).tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def test_greedy_cached_generation_equals_teacher_forced_argmax(gpt):
+    labels = torch.tensor([0, 1, 2, 1])
+    idx = gpt.generate(labels, cfg=0, top_k=1)
+    assert idx.shape == (4, TINY.seq_len) and idx.dtype == torch.long
+    with torch.no_grad():
+        logits = gpt(idx, labels)  # (B, L, K)
+    assert logits.shape == (4, TINY.seq_len, TINY.codebook_size)
+    assert torch.equal(logits.argmax(-1), idx)  # every position, every scale
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_guided_generation_uses_1_plus_t_cond_minus_t_uncond(gpt, schedule):
+    labels, cfg = torch.tensor([0, 2]), 2.5
+    idx = gpt.generate(labels, cfg=cfg, cfg_schedule=schedule, top_k=1)
+    with torch.no_grad():
+        cond, uncond = gpt(idx, labels), gpt(idx, torch.full_like(labels, GPT_TINY.num_classes))
+    S = len(TINY.scales)
+    for si, (a, b) in enumerate(scale_bounds(TINY)):
+        t = cfg * si / (S - 1) if schedule == "linear" else cfg
+        guided = (1 + t) * cond[:, a:b] - t * uncond[:, a:b]
+        assert torch.equal(guided.argmax(-1), idx[:, a:b]), si
+    assert not torch.equal(cond.argmax(-1), uncond.argmax(-1))  # the label matters, so the check can fail
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_scale_k_tokens_change_only_later_scales(gpt, k):
+    torch.manual_seed(k)
+    labels = torch.tensor([0, 1])
+    idx = torch.randint(0, TINY.codebook_size, (2, TINY.seq_len))
+    bounds = scale_bounds(TINY)
+    changed = idx.clone()
+    a, b = bounds[k]
+    changed[:, a:b] = (changed[:, a:b] + 1 + torch.randint(0, 10, (2, b - a))) % TINY.codebook_size
+    with torch.no_grad():
+        before, after = gpt(idx, labels), gpt(changed, labels)
+    assert torch.allclose(before[:, :b], after[:, :b], atol=1e-6)  # scales <= k: unchanged
+    a1, b1 = bounds[k + 1]
+    assert (before[:, a1:b1] - after[:, a1:b1]).abs().amax(-1).min() > 1e-4  # every token of scale k+1 moves
+
+
+def test_gpt_inputs_are_the_tokenizers_cumulative_features(tiny, gpt):
+    """The last scale reads the tokenizer's f_hat without the last scale's codes, area-resized."""
+    idx = tiny.encode(images(2))
+    seen = []
+    hook = gpt.word_embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        gpt(idx, torch.tensor([0, 1]))
+    hook.remove()
+    s, n = TINY.scales[-1], TINY.grid
+    f_hat = tiny.indices_to_features(idx)
+    last = tiny.codebook.lookup(idx[:, -s * s:]).transpose(1, 2).unflatten(2, (s, s))
+    f_before = f_hat - tf.upsample(last, n)
+    s_last = TINY.scales[-1]
+    expected = F.interpolate(f_before, size=(s_last, s_last), mode="area").flatten(2).transpose(1, 2)
+    assert torch.allclose(seen[-1][:, -s_last ** 2:], expected, atol=1e-5)
+
+
+def test_same_seed_gives_the_same_samples(gpt):
+    labels = torch.tensor([0, 1, 2, 0])
+    run = lambda seed, **kw: gpt.generate(labels, cfg=1.5, top_k=20, top_p=0.9,
+                                          generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    assert torch.equal(run(3, refine=[(5, 0.8)]), run(3, refine=[(5, 0.8)]))
+    assert not torch.equal(run(3, refine=[(5, 0.8)]), run(3))  # refining changes the samples
+
+
+def refined_scale_logits(gpt, idx, labels, k, first_k):
+    """Uncached reference for multi-step sampling: scale k re-predicted with its first sample fed
+    in, i.e. its input is the cumulative feature including first_k; earlier scales as in training."""
+    scales, n = gpt.scales, gpt.grid
+    x, f_hat, start = [gpt.class_emb(labels)[:, None]], 0, 0
+    for si, s in enumerate(scales[:k]):
+        f_hat = f_hat + tf.upsample(gpt.scale_codes(idx[:, start:start + s * s], s), n)
+        start += s * s
+        if si + 1 < k:
+            x.append(gpt.next_input(f_hat, scales[si + 1]))
+    x.append(gpt.next_input(f_hat + tf.upsample(gpt.scale_codes(first_k, scales[k]), n), scales[k]))
+    x, end = gpt.embed(torch.cat(x, 1), 0), start + scales[k] ** 2
+    for block in gpt.blocks:
+        x = block(x, mask=gpt.mask[:end, :end])
+    return gpt.head(gpt.ln_f(x))[:, start:end]
+
+
+def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(gpt):
+    labels = torch.tensor([0, 1, 2])
+    idx = gpt.generate(labels, cfg=0, top_k=1, refine=[(1, 0.0)], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(idx, gpt.generate(labels, cfg=0, top_k=1, refine=[(1, 0.0)],
+                                         generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        first = gpt(idx, labels).argmax(-1)  # the first pass of each scale sees the final earlier scales
+        for k, (a, b) in list(enumerate(scale_bounds(TINY)))[1:]:
+            refined = refined_scale_logits(gpt, idx, labels, k, first[:, a:b]).argmax(-1)
+            assert torch.equal(refined, idx[:, a:b]), k
+    assert not torch.equal(first, idx)  # refining changed something, so the check above can fail
+
+
+def test_sample_logits_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: tf.sample_logits(logits, generator=g, **kw)
+    assert set(draw(top_k=1).tolist()) == {0}
+    assert set(draw(top_k=2).tolist()) == {0, 1}
+    assert set(draw(top_p=0.5).tolist()) == {0}  # 0.5 alone reaches the mass
+    assert set(draw(top_p=0.7).tolist()) == {0, 1}
+    assert set(draw(top_k=3, top_p=0.85).tolist()) == {0, 1, 2}
+    full = draw()
+    assert set(full.tolist()) == {0, 1, 2, 3} and abs((full == 0).float().mean() - 0.5) < 0.03
+    assert abs((draw(top_k=2) == 0).float().mean() - 0.5 / 0.8) < 0.03  # renormalised over the kept ids
+
+
+def test_bad_labels_and_token_counts_are_refused(gpt):
+    with pytest.raises(ValueError, match="class labels must be integers in \\[0, 3\\)"):
+        gpt.generate(torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="class labels"):
+        gpt.generate(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="expected \\(2, 21\\)"):
+        gpt(torch.zeros(2, 20, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="token ids must lie in \\[0, 64\\)"):
+        gpt(torch.full((2, 21), 64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        gpt.generate(torch.tensor([0]), cfg_schedule="cosine")
+
+
+def test_class_drop_only_in_training(gpt):
+    idx, labels = torch.randint(0, 64, (64, TINY.seq_len)), torch.zeros(64, dtype=torch.long)
+    with torch.no_grad():
+        cond, null = gpt(idx, labels), gpt(idx, torch.full_like(labels, 3))
+        gpt.train()
+        torch.manual_seed(0)
+        trained = gpt(idx, labels)
+        gpt.eval()
+    dropped = torch.isclose(trained[:, 0], null[:, 0], atol=1e-5).all(-1)
+    kept = torch.isclose(trained[:, 0], cond[:, 0], atol=1e-5).all(-1)
+    assert (dropped | kept).all() and 1 <= dropped.sum() <= 16  # p = 0.1 of 64
+    assert torch.equal(gpt(idx, labels), cond)
+
+
+def test_gpt_loss_goes_down_on_one_batch(tiny):
+    torch.manual_seed(0)
+    model = tf.GPT(replace(GPT_TINY, class_drop=0.0), tiny).train()
+    idx, labels = torch.randint(0, 64, (8, TINY.seq_len)), torch.randint(0, 3, (8,))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(idx, labels).flatten(0, 1), idx.flatten())
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_gpt_checkpoint_holds_only_gpt_weights_and_round_trips(tmp_path, tiny, gpt):
+    path = str(tmp_path / "gpt.pt")
+    tf.save_checkpoint(path, "gpt", GPT_TINY, gpt, step=3, tokenizer_config=asdict(TINY))
+    ckpt = tf.load_checkpoint(path, "gpt")
+    assert set(ckpt["model"]) == {name for name, _ in gpt.named_parameters()}  # no codebook, no buffers
+    loaded, _ = tf.load_model(path, "gpt", tiny)
+    idx, labels = tiny.encode(images(2)), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx, labels), gpt(idx, labels))
+    other = tf.TokenFlow(replace(TINY, codebook_size=128))
+    with pytest.raises(ValueError, match="codebook_size 64 vs 128"):
+        tf.load_model(path, "gpt", other)
+    with pytest.raises(ValueError, match="holds a 'gpt' checkpoint, expected 'tokenizer'"):
+        tf.load_model(path, "tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------
 # Configs and presets
 
 
@@ -292,12 +480,19 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_toy_run_smoke(tmp_path):
-    """Two steps of each stage through the real script: files appear and load back."""
-    out = str(tmp_path / "out")
-    results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1"])
-    assert set(results) == {"teacher", "tokenizer"}
-    for name in ["teacher.pt", "tokenizer.pt", "metrics.jsonl", "reconstructions.png"]:
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """Two steps of each stage through the real script (64 tokenized images for the GPT)."""
+    out = str(tmp_path_factory.mktemp("toy") / "out")
+    results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64"])
+    return out, results
+
+
+def test_toy_run_smoke(toy_run):
+    """Files appear and load back; the tokenizer starts from the teacher; the GPT stage logs its metrics."""
+    out, results = toy_run
+    assert set(results) == {"teacher", "tokenizer", "gpt"}
+    for name in ["teacher.pt", "tokenizer.pt", "gpt.pt", "metrics.jsonl", "reconstructions.png", "gpt_samples.png"]:
         assert os.path.exists(os.path.join(out, name)), name
     teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
     tokenizer, ckpt = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
@@ -308,6 +503,58 @@ def test_toy_run_smoke(tmp_path):
     assert torch.allclose(w(tokenizer.sem_enc), w(teacher.vit), atol=0.01)
     torch.manual_seed(0)
     assert not torch.allclose(w(tf.TokenFlow(tokenizer.cfg).sem_enc), w(teacher.vit), atol=0.01)
+    gpt, ckpt = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
+    assert ckpt["step"] == 2 and gpt.cfg.num_classes == train.ShapesDataset.num_classes
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    gpt_val = [r for r in rows if r["stage"] == "gpt" and r["split"] == "val"][-1]
+    assert len(gpt_val["acc_per_scale"]) == len(tokenizer.cfg.scales) and 0 <= gpt_val["acc"] <= 1
+    generated = [r for r in rows if r["split"] == "generated"][-1]
+    assert 0 <= generated["class_acc"] <= 1 and 0 <= generated["class_acc_cfg0"] <= 1
+
+
+def test_token_file_matches_the_tokenizer_and_is_reused(toy_run):
+    out, _ = toy_run
+    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    ids = np.load(os.path.join(out, "tokens", "train_ids.npy"))
+    labels = np.load(os.path.join(out, "tokens", "train_labels.npy"))
+    assert ids.dtype == np.uint16 and ids.shape == (64, tokenizer.cfg.seq_len) and labels.shape == (64,)
+    x, y = zip(*train.ShapesDataset(64, 32, 0, "train").__getitems__(range(8)))
+    assert np.array_equal(ids[:8], tokenizer.eval().encode(torch.stack(x)).numpy())
+    assert np.array_equal(labels[:8], torch.stack(y).numpy())
+    args = train.get_args(["--out-dir", out, "--token-images", "64"])
+    stamp = os.path.getmtime(os.path.join(out, "tokens", "train_ids.npy"))
+    data = train.token_file(args, tokenizer, os.path.join(out, "tokenizer.pt"), "train")
+    assert os.path.getmtime(os.path.join(out, "tokens", "train_ids.npy")) == stamp  # read, not rewritten
+    assert np.array_equal(np.asarray(data.ids), ids)
+
+
+def test_sample_script_generates_reconstructs_and_round_trips_ids(toy_run, tmp_path):
+    out, _ = toy_run
+    grid = sample.main(["--out-dir", out, "--classes", "1", "2", "--per-class", "3", "--out", str(tmp_path / "g.png")])
+    assert Image.open(grid).size == (3 * 32 * 3, 2 * 32 * 3)  # 3 per row, 2 rows, zoom 3
+    again = sample.main(["--out-dir", out, "--classes", "1", "2", "--per-class", "3", "--out", str(tmp_path / "h.png")])
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(again)))  # same seed, same images
+    x = (torch.rand(2, 32, 32, 3) * 255).byte().numpy()
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for arr, path in zip(x, paths):
+        Image.fromarray(arr).save(path)
+    ids_path = sample.main(["encode", *paths, "--out-dir", out, "--out", str(tmp_path / "ids.npy")])
+    ids = np.load(ids_path)
+    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    expected = tokenizer.eval().encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert np.array_equal(ids, expected.numpy())
+    decoded = sample.main(["decode", ids_path, "--out-dir", out, "--out", str(tmp_path / "d.png")])
+    assert Image.open(decoded).size == (2 * 32 * 3, 32 * 3)
+    sample.main(["reconstruct", *paths, "--out-dir", out, "--out", str(tmp_path / "r.png")])
+    np.save(tmp_path / "short.npy", ids[:, :-1])
+    r = subprocess.run([sys.executable, "sample.py", "decode", str(tmp_path / "short.npy"), "--out-dir", out],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 2 and "expected (B, 121)" in r.stderr
+    with pytest.raises(ValueError, match="class labels must be integers in \\[0, 8\\)"):
+        sample.main(["--out-dir", out, "--classes", "9"])
+    open(tmp_path / "bad.png", "wb").write(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        sample.main(["encode", str(tmp_path / "bad.png"), "--out-dir", out])
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path, capsys):

@@ -15,17 +15,23 @@ Notable choices
 - Two decoders: a small ViT maps the semantic half back to teacher features (cosine loss),
   a VQGAN-style CNN maps the pixel half back to the image (L2 here; LPIPS and GAN come with
   the real-scale recipe).
+- A GPT generates the shared ids scale by scale (VAR's next-scale prediction): every token of
+  scale k is predicted at once from the cumulative codes of scales < k, under block-causal
+  attention; sampling runs one forward per scale through a KV cache, with classifier-free
+  guidance and TokenFlow's multi-step refinement.
 
-Shape letters: B batch, C channels, H W image side, n token grid side, s side of one scale,
-l = s*s tokens of one scale, L = sum of s*s over scales, N rows fed to the quantizer,
-K codebook size, D ViT width, T teacher feature width.
+Shape letters: B batch, C channels (of a code: sem_dim + pix_dim), H W image side, n token grid
+side, s side of one scale, l = s*s tokens of one scale, L = sum of s*s over scales, N rows fed to
+the quantizer, K codebook size, D transformer width, T teacher feature width.
 
 References
 1) TokenFlow, Qu et al. 2024: https://arxiv.org/abs/2412.03069 ; https://github.com/ByteFlow-AI/TokenFlow
 2) VAR, Tian et al. 2024: https://arxiv.org/abs/2404.02905 ; https://github.com/FoundationVision/VAR
-3) VQGAN, Esser et al. 2021: https://arxiv.org/abs/2012.09841 ; LlamaGen CNN: https://github.com/FoundationVision/LlamaGen
+3) VQGAN, Esser et al. 2021: https://arxiv.org/abs/2012.09841 ; LlamaGen: https://github.com/FoundationVision/LlamaGen
 4) ViT-VQGAN (l2-normalised low-dim codes), Yu et al. 2021: https://arxiv.org/abs/2110.04627
 5) CLIP, Radford et al. 2021: https://arxiv.org/abs/2103.00020 (the ViT layout below follows it)
+6) Classifier-free guidance, Ho & Salimans 2022: https://arxiv.org/abs/2207.12598 ;
+   nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
 """
 
 import math
@@ -173,18 +179,20 @@ class Upsample(nn.Module):
 
 class KVCache:
     """Keys and values of one attention layer for the tokens run so far (GPT sampling only).
-    With store=False new tokens attend to the cache and to themselves but are not added to it."""
+    rerun = True runs the newest l tokens again with other inputs: they attend to the cache
+    without its last l entries, and the cache keeps the first run."""
 
     def __init__(self):
         self.k = self.v = None
-        self.store = True
+        self.rerun = False
 
-    def __call__(self, k, v):  # (B, heads, l, d) each -> all keys and values up to these tokens
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        if self.store:
-            self.k, self.v = k, v
-        return k, v
+    def __call__(self, k, v):  # new tokens' (B, heads, l, d) -> keys and values they attend to
+        if self.rerun:
+            l = k.shape[2]
+            return torch.cat([self.k[:, :, :-l], k], dim=2), torch.cat([self.v[:, :, :-l], v], dim=2)
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -477,6 +485,9 @@ class TokenFlow(nn.Module):
         if idx_BL.ndim != 2 or idx_BL.shape[1] != self.cfg.seq_len:
             raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {self.cfg.seq_len}) "
                              f"for scales {self.cfg.scales}")
+        if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= self.cfg.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.codebook_size}), the codebook size; got "
+                             f"[{idx_BL.min().item()}, {idx_BL.max().item()}]")
         n, f_hat, start = self.cfg.grid, 0, 0
         for s in self.cfg.scales:
             q_BlC = self.codebook.lookup(idx_BL[:, start:start + s * s])
@@ -629,12 +640,12 @@ class GPT(nn.Module):
 
     # -- sampling
 
-    def scale_logits(self, x_BlD, start, caches, t, store=True):
+    def scale_logits(self, x_BlD, start, caches, t, rerun=False):
         """One scale's inputs through the blocks, attending to the cache -> logits (B*l, K); the
         batch holds conditional then unconditional rows when t is not None: CFG with weight t."""
         x = self.embed(x_BlD, start)
         for block, cache in zip(self.blocks, caches):
-            cache.store = store
+            cache.rerun = rerun
             x = block(x, cache=cache)
         logits = self.head(self.ln_f(x)).float()  # (B or 2B, l, K)
         if t is not None:
@@ -670,7 +681,7 @@ class GPT(nn.Module):
                                    generator).view(B, s * s)
             for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
                 x_r = double(self.next_input(f_hat + upsample(self.scale_codes(idx_Bl, s), n), s))
-                logits = self.scale_logits(x_r, start, caches, t, store=False)
+                logits = self.scale_logits(x_r, start, caches, t, rerun=True)
                 idx_Bl = sample_logits(logits, temperature, k_r, p_r, generator).view(B, s * s)
             f_hat = f_hat + upsample(self.scale_codes(idx_Bl, s), n)
             out.append(idx_Bl)
@@ -716,8 +727,8 @@ def load_model(path, kind, tokenizer=None):
     ckpt = load_checkpoint(path, kind)
     if kind == "gpt":
         theirs = config_from_dict(TokenizerConfig, ckpt["tokenizer_config"])
-        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}"
-                for k in ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
+        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
+                ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
         if diff:
             raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
                              "(GPT's tokenizer vs this one); give the tokenizer it was trained with")

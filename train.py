@@ -42,7 +42,6 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
 }
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
 EVAL_IMAGES = 1024  # held-out images per evaluation
-SHAPES_GPT_IMAGES = 8192  # shapes is endless; the GPT learns from this many tokenized training images
 DEFAULT_CFG = inspect.signature(tf.GPT.generate).parameters["cfg"].default  # recorded with class_acc
 
 
@@ -59,6 +58,8 @@ def get_args(argv=None):
     p.add_argument("--dataset", default="shapes", choices=["shapes"],
                    help="'shapes': synthetic, rendered on the fly (deterministic per index and seed)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--token-images", type=int, default=8192,
+                   help="shapes is endless: the GPT stage tokenizes this many training images once")
     # optimisation
     p.add_argument("--iters", type=int, default=None, help="optimisation steps of every stage that runs "
                    "(default: per preset and stage, see DEFAULTS in train.py)")
@@ -80,7 +81,7 @@ def get_args(argv=None):
     for name in ("iters", "num_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "eval_interval", "lr"):
+    for name in ("batch_size", "eval_interval", "lr", "token_images"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.preset not in tf.PRESETS:
@@ -249,8 +250,7 @@ def save_npy(path, array):
 def token_file(args, tokenizer, tokenizer_path, split):
     """Tokenize a split once -> TokenDataset; reused while the tokenizer checkpoint and the data are
     the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json, written last)."""
-    images = SHAPES_GPT_IMAGES if split == "train" else None
-    dataset = make_dataset(args, tokenizer.cfg, split, images)
+    dataset = make_dataset(args, tokenizer.cfg, split, args.token_images if split == "train" else None)
     root = os.path.join(args.out_dir, "tokens")
     paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
     meta = {"tokenizer_sha256": file_sha256(tokenizer_path), "dataset": args.dataset, "seed": args.seed,
@@ -424,11 +424,12 @@ def load_teacher(args, cfg):
 
 @torch.no_grad()
 def evaluate_tokenizer(args, tokenizer, teacher):
-    """Held-out PSNR, codebook usage and perplexity over all tokens, semantic cosine; the tokens
-    go through the real path (encode -> ids -> decode), as a user of the tokenizer sees them."""
+    """Held-out PSNR, codebook usage and perplexity over all tokens, semantic cosine and, with a toy
+    teacher, how often it classifies the reconstructions right (recon_acc: the most that generated
+    images can score). The tokens go through the real path (encode -> ids -> decode)."""
     tokenizer.eval()
-    psnrs, cos, ids = [], [], []
-    for x, _ in eval_loader(make_dataset(args, tokenizer.cfg, "val"), 128):
+    psnrs, cos, ids, hits = [], [], [], []
+    for x, y in eval_loader(make_dataset(args, tokenizer.cfg, "val"), 128):
         x = x.to(args.device)
         with autocast_ctx(args):
             idx = tokenizer.encode(x)
@@ -436,13 +437,15 @@ def evaluate_tokenizer(args, tokenizer, teacher):
             x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
             cos.append(F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(),
                                            teacher.features(x).float(), dim=-1).mean(1))
+            if teacher.head is not None:
+                hits.append((teacher(x_rec).argmax(1).cpu() == y).float())
         psnrs.append(psnr(x_rec, x))
         ids.append(idx)
         if len(psnrs) == 1:
             save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, "reconstructions.png"))
     usage, perplexity = tf.codebook_usage(torch.cat(ids), tokenizer.cfg.codebook_size)
     return {"psnr": torch.cat(psnrs).mean().item(), "usage": usage.item(), "perplexity": perplexity.item(),
-            "sem_cos": torch.cat(cos).mean().item()}
+            "sem_cos": torch.cat(cos).mean().item(), **({"recon_acc": torch.cat(hits).mean().item()} if hits else {})}
 
 
 def train_tokenizer(args, cfg):
@@ -506,13 +509,17 @@ def evaluate_gpt(args, gpt, tokenizer, val):
 
 @torch.no_grad()
 def class_accuracy(args, gpt, tokenizer, teacher, cfg, per_class=10):
-    """How often the teacher classifies generated images as the class they were generated for."""
+    """per_class samples of every class -> how often the teacher's class head picks the requested class
+    (1) on the decoded images and (2) on the semantic features decoded from the same ids (the
+    understanding path: do the generated ids carry the class?)."""
     gpt.eval()
     labels = torch.arange(gpt.cfg.num_classes, device=args.device).repeat_interleave(per_class)
     g = torch.Generator(args.device).manual_seed(args.seed)
     with autocast_ctx(args):
-        pred = teacher(tokenizer.decode(gpt.generate(labels, cfg=cfg, generator=g))).argmax(1)
-    return (pred == labels).float().mean().item()
+        idx = gpt.generate(labels, cfg=cfg, generator=g)
+        image = teacher(tokenizer.decode(idx)).argmax(1)
+        sem = teacher.head(tokenizer.semantic_features(idx).mean(1)).argmax(1)
+    return (image == labels).float().mean().item(), (sem == labels).float().mean().item()
 
 
 def train_gpt(args, tok_cfg, gpt_cfg):
@@ -541,9 +548,9 @@ def train_gpt(args, tok_cfg, gpt_cfg):
                      lambda: evaluate_gpt(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
     teacher = load_teacher(args, tok_cfg)
     if teacher.head is not None:  # the toy teacher can classify what the GPT generates
-        row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG,
-               "class_acc": class_accuracy(args, gpt, tokenizer, teacher, DEFAULT_CFG),
-               "class_acc_cfg0": class_accuracy(args, gpt, tokenizer, teacher, 0.0)}
+        (acc, sem_acc), (acc0, sem_acc0) = (class_accuracy(args, gpt, tokenizer, teacher, c) for c in (DEFAULT_CFG, 0))
+        row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG, "class_acc": acc,
+               "class_acc_cfg0": acc0, "sem_class_acc": sem_acc, "sem_class_acc_cfg0": sem_acc0}
         log_metrics(args, row)
     return row
 

@@ -1,0 +1,128 @@
+"""
+Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
+
+    python sample.py                                   # one row per class -> out/samples.png
+    python sample.py --classes 0 3 --per-class 16 --cfg 4 --top-k 100 --top-p 0.9
+    python sample.py --top-k 300 --top-p 0.8 --refine 100,0.8 1,0   # TokenFlow's multi-step sampling
+    python sample.py reconstruct a.png b.jpg           # reconstruction grid + per-image PSNR
+    python sample.py encode a.png b.png --out ids.npy  # shared ids (N, L) to a .npy file
+    python sample.py decode ids.npy --out decoded.png  # and back to images
+
+Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights).
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import tokenflow as tf
+from train import EVAL_IMAGES, ShapesDataset, psnr, save_grid
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode"])
+    p.add_argument("inputs", nargs="*", help="reconstruct/encode: image files (reconstruct without files: "
+                   "held-out shapes); decode: one .npy file of ids (N, L)")
+    p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt and gpt.pt")
+    p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, reconstructions_"
+                   "sample.png, ids.npy or decoded.png, by mode)")
+    # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids, one grid row each (default: all)")
+    p.add_argument("--per-class", type=int, default=8, help="images per class")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; 0 = none")
+    p.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
+                   help="linear: the weight ramps from 0 at the first scale to --cfg at the last (official)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely ids; 0 = all")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1); 0 = off")
+    p.add_argument("--refine", nargs="+", default=None, metavar="TOP_K,TOP_P",
+                   help="multi-step sampling: re-predict each scale once per pair (paper: 100,0.8 1,0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler: the same seed gives the same images")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    args = p.parse_args(argv)
+    try:
+        args.refine = [(int(k), float(q)) for k, q in (pair.split(",") for pair in args.refine or [])] or None
+    except ValueError:
+        p.error(f"--refine takes TOP_K,TOP_P pairs such as 100,0.8 1,0; got {' '.join(args.refine)}")
+    if args.per_class < 1 or (args.temperature is not None and args.temperature <= 0):
+        p.error("--per-class must be >= 1 and --temperature > 0")
+    if args.mode == "decode" and len(args.inputs) != 1:
+        p.error("decode takes exactly one .npy file of ids")
+    if args.mode == "encode" and not args.inputs:
+        p.error("encode takes one or more image files")
+    return args
+
+
+def load_images(paths, size):
+    """Image files -> (N, 3, size, size) in [-1, 1]: RGB, centre-cropped to a square, resized."""
+    out = []
+    for path in paths:
+        try:
+            img = Image.open(path)
+            img.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        img = img.convert("RGB")
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = get_args(argv)
+    tokenizer, _ = tf.load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    tokenizer = tokenizer.to(args.device).eval()
+    default_out = {"generate": "samples.png", "reconstruct": "reconstructions_sample.png", "encode": "ids.npy",
+                   "decode": "decoded.png"}[args.mode]
+    out = args.out or os.path.join(args.out_dir, default_out)
+    if args.mode == "generate":
+        gpt, _ = tf.load_model(os.path.join(args.out_dir, "gpt.pt"), "gpt", tokenizer)
+        gpt = gpt.to(args.device).eval()
+        classes = args.classes if args.classes is not None else list(range(gpt.cfg.num_classes))
+        labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
+        options = {k: getattr(args, k) for k in ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "refine")
+                   if getattr(args, k) is not None}
+        g = torch.Generator(args.device).manual_seed(args.seed)
+        x = tokenizer.decode(gpt.generate(labels, generator=g, **options))
+        save_grid(list(x.split(args.per_class)), out)
+        print(f"wrote {out}: {len(classes)} classes x {args.per_class} images, one row per class")
+    elif args.mode == "reconstruct":
+        if args.inputs:
+            x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
+        else:  # the first 16 held-out shapes, as train.py evaluates
+            x = torch.stack([im for im, _ in ShapesDataset(EVAL_IMAGES, tokenizer.cfg.image_size, 0, "val")
+                             .__getitems__(range(16))])
+            names = [f"shapes val {i}" for i in range(16)]
+        x_rec = tokenizer.decode(tokenizer.encode(x.to(args.device)))
+        for name, db in zip(names, psnr(x_rec, x.to(args.device)).tolist()):
+            print(f"{db:6.2f} dB  {name}")
+        save_grid([x, x_rec], out)
+        print(f"wrote {out}: originals above, reconstructions below")
+    elif args.mode == "encode":
+        ids = tokenizer.encode(load_images(args.inputs, tokenizer.cfg.image_size).to(args.device))
+        np.save(out, ids.cpu().numpy())
+        print(f"wrote {out}: ids {tuple(ids.shape)} for scales {tokenizer.cfg.scales}")
+    else:
+        ids = np.load(args.inputs[0], allow_pickle=False)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{args.inputs[0]} holds {ids.dtype} values; token ids must be integers")
+        x = tokenizer.decode(torch.from_numpy(ids.astype(np.int64)).to(args.device))
+        save_grid([x], out)
+        print(f"wrote {out}: {len(x)} images")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
