@@ -36,7 +36,7 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("toy", "tokenizer"): dict(iters=360, batch_size=16, lr=1e-3),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher PATH
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
-    ("toy", "gpt"): dict(iters=500, batch_size=64, lr=1e-3),
+    ("toy", "gpt"): dict(iters=500, batch_size=64, lr=3e-3),
     # VAR-d16's recipe: 200 epochs of ImageNet at batch 768, lr 1e-4 * 768 / 256
     ("tokenflow-b", "gpt"): dict(iters=330_000, batch_size=768, lr=3e-4),
 }
