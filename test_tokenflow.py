@@ -484,7 +484,9 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
 def toy_run(tmp_path_factory):
     """Two steps of each stage through the real script (64 tokenized images for the GPT)."""
     out = str(tmp_path_factory.mktemp("toy") / "out")
-    results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "EVAL_IMAGES", 128)  # a smaller held-out split keeps the test fast
+        results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64"])
     return out, results
 
 

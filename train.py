@@ -33,7 +33,7 @@ import tokenflow as tf
 
 DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning rate
     ("toy", "teacher"): dict(iters=1000, batch_size=64, lr=1e-3),
-    ("toy", "tokenizer"): dict(iters=360, batch_size=16, lr=1e-3),
+    ("toy", "tokenizer"): dict(iters=540, batch_size=16, lr=1e-3),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher PATH
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
     ("toy", "gpt"): dict(iters=500, batch_size=64, lr=3e-3),
