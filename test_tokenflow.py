@@ -247,20 +247,23 @@ def test_scale_k_tokens_change_only_later_scales(gpt, k):
 
 
 def test_gpt_inputs_are_the_tokenizers_cumulative_features(tiny, gpt):
-    """The last scale reads the tokenizer's f_hat without the last scale's codes, area-resized."""
+    """Scale k reads the tokenizer's f_hat minus the codes of scales >= k, area-resized to s_k x s_k."""
     idx = tiny.encode(images(2))
     seen = []
     hook = gpt.word_embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     with torch.no_grad():
         gpt(idx, torch.tensor([0, 1]))
     hook.remove()
-    s, n = TINY.scales[-1], TINY.grid
-    f_hat = tiny.indices_to_features(idx)
-    last = tiny.codebook.lookup(idx[:, -s * s:]).transpose(1, 2).unflatten(2, (s, s))
-    f_before = f_hat - tf.upsample(last, n)
-    s_last = TINY.scales[-1]
-    expected = F.interpolate(f_before, size=(s_last, s_last), mode="area").flatten(2).transpose(1, 2)
-    assert torch.allclose(seen[-1][:, -s_last ** 2:], expected, atol=1e-5)
+    assert len(seen) == len(TINY.scales) - 1  # one call per scale after the first: (B, s*s, C)
+    bounds, n = scale_bounds(TINY), TINY.grid
+    codes = [tiny.codebook.lookup(idx[:, a:b]).transpose(1, 2).unflatten(2, (s, s))
+             for (a, b), s in zip(bounds, TINY.scales)]
+    f_before = tiny.indices_to_features(idx)
+    for k in range(len(TINY.scales) - 1, 0, -1):  # peel off the last scales one by one
+        f_before = f_before - tf.upsample(codes[k], n)
+        s = TINY.scales[k]
+        expected = F.interpolate(f_before, size=(s, s), mode="area").flatten(2).transpose(1, 2)
+        assert torch.allclose(seen[k - 1], expected, atol=1e-5), k
 
 
 def test_same_seed_gives_the_same_samples(gpt):
