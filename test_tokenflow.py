@@ -246,22 +246,27 @@ def test_scale_k_tokens_change_only_later_scales(gpt, k):
     assert (before[:, a1:b1] - after[:, a1:b1]).abs().amax(-1).min() > 1e-4  # every token of scale k+1 moves
 
 
-def test_gpt_inputs_are_the_tokenizers_cumulative_features(tiny, gpt):
-    """Scale k reads the tokenizer's f_hat minus the codes of scales >= k, area-resized to s_k x s_k."""
+def test_gpt_inputs_are_the_tokenizers_cumulative_features():
+    """Scale k reads the tokenizer's f_hat minus the codes of scales >= k, area-resized to s_k x s_k.
+    Scale 3 of 1,2,3,4 resizes a non-constant 4x4 sum to 3x3, where area, bilinear and nearest differ."""
+    cfg = replace(TINY, scales=(1, 2, 3, 4))
+    torch.manual_seed(0)
+    tiny = tf.TokenFlow(cfg).eval()
+    gpt = tf.GPT(GPT_TINY, tiny).eval()
     idx = tiny.encode(images(2))
     seen = []
     hook = gpt.word_embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     with torch.no_grad():
         gpt(idx, torch.tensor([0, 1]))
     hook.remove()
-    assert len(seen) == len(TINY.scales) - 1  # one call per scale after the first: (B, s*s, C)
-    bounds, n = scale_bounds(TINY), TINY.grid
+    assert len(seen) == len(cfg.scales) - 1  # one call per scale after the first: (B, s*s, C)
+    bounds, n = scale_bounds(cfg), cfg.grid
     codes = [tiny.codebook.lookup(idx[:, a:b]).transpose(1, 2).unflatten(2, (s, s))
-             for (a, b), s in zip(bounds, TINY.scales)]
+             for (a, b), s in zip(bounds, cfg.scales)]
     f_before = tiny.indices_to_features(idx)
-    for k in range(len(TINY.scales) - 1, 0, -1):  # peel off the last scales one by one
+    for k in range(len(cfg.scales) - 1, 0, -1):  # peel off the last scales one by one
         f_before = f_before - tf.upsample(codes[k], n)
-        s = TINY.scales[k]
+        s = cfg.scales[k]
         expected = F.interpolate(f_before, size=(s, s), mode="area").flatten(2).transpose(1, 2)
         assert torch.allclose(seen[k - 1], expected, atol=1e-5), k
 
