@@ -114,7 +114,8 @@ def main(argv=None):
         try:
             ids = np.load(args.inputs[0], allow_pickle=False)
         except (OSError, ValueError) as e:  # a PNG or a pickled array ends here: we never unpickle
-            raise ValueError(f"cannot read ids from {args.inputs[0]}: {type(e).__name__}; give a .npy file of ids (N, L)") from None
+            raise ValueError(f"cannot read ids from {args.inputs[0]} ({type(e).__name__}); "
+                             "give a .npy file of ids (N, L)") from None
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"{args.inputs[0]} holds {ids.dtype} values; token ids must be integers")
         x = tokenizer.decode(torch.from_numpy(ids.astype(np.int64)).to(args.device))
