@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import tokenflow as tf
-from train import EVAL_IMAGES, ShapesDataset, psnr, save_grid
+from train import EVAL_IMAGES, ShapesDataset, psnr, save_grid, tokenizer_id
 
 
 def get_args(argv=None):
@@ -32,7 +32,8 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, reconstructions_"
                    "sample.png, ids.npy or decoded.png, by mode)")
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids, one grid row each (default: all)")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="class ids, one grid row each (default: all); the id num_classes is the null class")
     p.add_argument("--per-class", type=int, default=8, help="images per class")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; 0 = none")
     p.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
@@ -51,6 +52,9 @@ def get_args(argv=None):
         p.error(f"--refine takes TOP_K,TOP_P pairs such as 100,0.8 1,0; got {' '.join(args.refine)}")
     if args.per_class < 1 or (args.temperature is not None and args.temperature <= 0):
         p.error("--per-class must be >= 1 and --temperature > 0")
+    filters = [(args.top_k or 0, args.top_p or 0)] + (args.refine or [])
+    if any(k < 0 or not 0 <= q <= 1 for k, q in filters):
+        p.error("top-k values must be >= 0 (0 = off) and top-p values in [0, 1] (0 = off)")
     if args.mode == "decode" and len(args.inputs) != 1:
         p.error("decode takes exactly one .npy file of ids")
     if args.mode == "encode" and not args.inputs:
@@ -84,7 +88,10 @@ def main(argv=None):
                    "decode": "decoded.png"}[args.mode]
     out = args.out or os.path.join(args.out_dir, default_out)
     if args.mode == "generate":
-        gpt, _ = tf.load_model(os.path.join(args.out_dir, "gpt.pt"), "gpt", tokenizer)
+        gpt, ckpt = tf.load_model(os.path.join(args.out_dir, "gpt.pt"), "gpt", tokenizer)
+        if ckpt["tokenizer_id"] != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
+            raise ValueError(f"{args.out_dir}/gpt.pt was trained on another tokenizer's ids than "
+                             f"{args.out_dir}/tokenizer.pt; retrain it (python train.py --stage gpt)")
         gpt = gpt.to(args.device).eval()
         classes = args.classes if args.classes is not None else list(range(gpt.cfg.num_classes))
         labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)

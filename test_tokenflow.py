@@ -7,6 +7,7 @@ Invariants of the tokenizer and the training script, on tiny CPU configs.
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -533,9 +534,40 @@ def test_token_file_matches_the_tokenizer_and_is_reused(toy_run):
     assert np.array_equal(labels[:8], torch.stack(y).numpy())
     args = train.get_args(["--out-dir", out, "--token-images", "64"])
     stamp = os.path.getmtime(os.path.join(out, "tokens", "train_ids.npy"))
-    data = train.token_file(args, tokenizer, os.path.join(out, "tokenizer.pt"), "train")
+    data = train.token_file(args, tokenizer, "train")
     assert os.path.getmtime(os.path.join(out, "tokens", "train_ids.npy")) == stamp  # read, not rewritten
     assert np.array_equal(np.asarray(data.ids), ids)
+
+
+def test_token_file_crash_mid_write_is_never_reused(toy_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    shutil.copytree(toy_run[0], out)
+    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    tokenizer.eval()
+
+    def crash(path, array):
+        raise KeyboardInterrupt("killed while writing the token file")
+
+    with monkeypatch.context() as m:  # another image count: a rewrite that dies after it started
+        m.setattr(train, "save_npy", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train.token_file(train.get_args(["--out-dir", out, "--token-images", "32"]), tokenizer, "train")
+    assert not os.path.exists(os.path.join(out, "tokens", "train_meta.json"))
+    data = train.token_file(train.get_args(["--out-dir", out, "--token-images", "64"]), tokenizer, "train")
+    assert len(data) == 64 and len(data.labels) == 64
+
+
+def test_gpt_of_another_tokenizer_is_refused_on_resume_and_in_sample(toy_run, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(toy_run[0], out)
+    path = os.path.join(out, "tokenizer.pt")
+    ckpt = tf.load_checkpoint(path, "tokenizer")
+    ckpt["model"]["codebook.pix"] = torch.randn_like(ckpt["model"]["codebook.pix"])  # same sizes, other codes
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="trained on the ids of another tokenizer"):
+        train.main(["--stage", "gpt", "--resume", "--iters", "2", "--out-dir", out, "--token-images", "64"])
+    with pytest.raises(ValueError, match="trained on another tokenizer's ids"):
+        sample.main(["--out-dir", out])
 
 
 def test_sample_script_generates_reconstructs_and_round_trips_ids(toy_run, tmp_path):

@@ -661,9 +661,9 @@ class GPT(nn.Module):
           at scale k = 0 .. S-1 ('linear', the official schedule) or t = cfg ('constant'); cfg = 0 samples
           from the conditional logits in a single pass of B, otherwise one batched pass of 2B.
         temperature, top_k, top_p: see sample_logits. generator: a seeded torch.Generator.
-        refine: TokenFlow's multi-step sampling, a list of (top_k, top_p) pairs. After scale k >= 2 is
-          sampled, it is predicted again with its own sample fed in (the cumulative feature including
-          it) and resampled, once per pair. The paper uses top_k, top_p = 1200, 0.8 and refine
+        refine: TokenFlow's multi-step sampling, a list of (top_k, top_p) pairs. After each scale but the
+          first is sampled, it is predicted again with its own sample fed in (the cumulative feature
+          including it) and resampled, once per pair. The paper uses top_k, top_p = 1200, 0.8 and refine
           [(100, 0.8), (1, 0.0)]. The cache keeps the first pass, so later scales see the same
           inputs as in training."""
         self.check_inputs(labels)

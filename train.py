@@ -93,6 +93,8 @@ def get_args(argv=None):
         p.error(f"--stage teacher trains the toy teacher; drop --teacher {args.teacher!r} or use --stage tokenizer")
     if args.teacher != "toy" and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy' or the path of a teacher checkpoint")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return args
 
 
@@ -231,11 +233,14 @@ class TokenDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
 
-def file_sha256(path):
+def tokenizer_id(tokenizer):
+    """SHA-256 of what decides the ids: both encoders and the codebook (not the decoders, so a
+    finetuned decoder keeps its token files and GPT)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for name, t in sorted(tokenizer.state_dict().items()):
+        if name.startswith(("sem_enc", "pix_enc", "codebook")):
+            h.update(name.encode())
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -247,17 +252,20 @@ def save_npy(path, array):
 
 
 @torch.no_grad()
-def token_file(args, tokenizer, tokenizer_path, split):
-    """Tokenize a split once -> TokenDataset; reused while the tokenizer checkpoint and the data are
-    the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json, written last)."""
+def token_file(args, tokenizer, split):
+    """Tokenize a split once -> TokenDataset; reused while the tokenizer's encoders and codebook and
+    the data are the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json,
+    written last and removed first, so a crash mid-write never leaves a meta beside other ids)."""
     dataset = make_dataset(args, tokenizer.cfg, split, args.token_images if split == "train" else None)
     root = os.path.join(args.out_dir, "tokens")
     paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
-    meta = {"tokenizer_sha256": file_sha256(tokenizer_path), "dataset": args.dataset, "seed": args.seed,
-            "images": len(dataset), "seq_len": tokenizer.cfg.seq_len}
+    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "seed": args.seed,
+            "images": len(dataset), "seq_len": tokenizer.cfg.seq_len, "dtype": args.dtype}
     if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
         return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
     os.makedirs(root, exist_ok=True)
+    if os.path.exists(paths["meta.json"]):
+        os.remove(paths["meta.json"])
     K = tokenizer.cfg.codebook_size
     ids = np.empty((len(dataset), tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32)
     labels, start = np.empty(len(dataset), np.int64), 0
@@ -530,7 +538,14 @@ def train_gpt(args, tok_cfg, gpt_cfg):
         raise ValueError(f"tokenizer {tokenizer_path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
                          "train a tokenizer for this preset first")
     tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
-    train_set, val_set = (token_file(args, tokenizer, tokenizer_path, split) for split in ("train", "val"))
+    train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
+    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
+    if args.resume and os.path.exists(gpt_path):
+        trained_on = tf.load_checkpoint(gpt_path, "gpt")["tokenizer_id"]
+        if trained_on != tid:
+            raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
+                             f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
+                             "train the GPT from scratch (drop --resume) or use another --out-dir")
     gpt_cfg = replace(gpt_cfg, num_classes=ShapesDataset.num_classes)
     torch.manual_seed(args.seed)
     gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
@@ -541,8 +556,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
         return F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten()), {}
 
     def save_fn(step, opt):
-        tf.save_checkpoint(os.path.join(args.out_dir, "gpt.pt"), "gpt", gpt_cfg, gpt, step,
-                           tokenizer_config=asdict(tokenizer.cfg), optimizer=opt.state_dict(), args=vars(args))
+        tf.save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
+                           tokenizer_id=tid, optimizer=opt.state_dict(), args=vars(args))
 
     row = train_loop(args, "gpt", gpt, list(gpt.parameters()), train_set, step_fn,
                      lambda: evaluate_gpt(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
@@ -560,8 +575,6 @@ def train_gpt(args, tok_cfg, gpt_cfg):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
     results = {}
