@@ -4,12 +4,15 @@ Invariants of the tokenizer and the training script, on tiny CPU configs.
     python -m pytest -q test_tokenflow.py
 """
 
+import importlib.util
+import io
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -21,6 +24,8 @@ from PIL import Image
 import sample
 import tokenflow as tf
 import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 TINY = tf.TokenizerConfig(
     image_size=16, patch_size=4, vit_width=32, vit_depth=1, vit_heads=2, vit_stem_ch=32, teacher_dim=16,
@@ -471,6 +476,107 @@ def test_shape_class_is_geometry_not_colour():
     x = ds.render(p)
     masks = (x - x[:1]).abs().sum(1) > 0.1  # where each image differs from the disk
     assert all(masks[i].sum() > 10 for i in range(1, len(x)))
+
+
+def image_folder(root, classes=("cat", "ant", "bee"), per_class=3, seed=0):
+    """root/<class>/<i>.png of random sizes, plus a text file that must be ignored."""
+    g = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            h, w = g.integers(20, 60, 2)
+            Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{i}.png"))
+    open(os.path.join(root, classes[0], "notes.txt"), "w").write("not an image")
+
+
+def test_folder_dataset_classes_crops_and_cached_scan(tmp_path):
+    image_folder(str(tmp_path / "data"))
+    cache = str(tmp_path / "cache")
+    ds = train.FolderDataset(str(tmp_path / "data"), 16, augment=False, cache_dir=cache)
+    assert ds.classes == ["ant", "bee", "cat"] and len(ds) == 9 and ds.num_classes == 3
+    assert [label for _, label in ds.files] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    x, y = ds[4]
+    assert x.shape == (3, 16, 16) and y == 1 and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(ds[4][0], x)  # the centre crop is deterministic
+    aug = train.FolderDataset(str(tmp_path / "data"), 16, augment=True, cache_dir=cache)
+    torch.manual_seed(0)
+    assert not all(torch.equal(aug[4][0], aug[4][0]) for _ in range(5))  # random crops and flips
+    # the scan is cached, and redone when a class folder changes
+    assert len(os.listdir(cache)) == 1
+    Image.new("RGB", (30, 30)).save(tmp_path / "data" / "bee" / "new.png")
+    assert len(train.FolderDataset(str(tmp_path / "data"), 16, augment=False, cache_dir=cache)) == 10
+
+
+def test_folder_without_classes_or_images_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        train.FolderDataset(str(tmp_path / "empty"), 16, False, str(tmp_path))
+    (tmp_path / "noimg" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "a" / "x.txt").write_text("text")
+    with pytest.raises(ValueError, match="no image files"):
+        train.FolderDataset(str(tmp_path / "noimg"), 16, False, str(tmp_path))
+    with pytest.raises(SystemExit):
+        train.get_args(["--dataset", "folder", "--data-path", str(tmp_path / "nowhere")])
+
+
+def test_folder_dataset_trains_every_stage(tmp_path):
+    """A 3-class image folder through teacher, tokenizer and GPT: class counts follow the data."""
+    for split in ("train", "val"):
+        image_folder(str(tmp_path / "data" / split), per_class=4, seed=split == "val")
+    out = str(tmp_path / "out")
+    train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--iters", "1", "--out-dir", out,
+                "--batch-size", "4"])
+    teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
+    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    gpt, _ = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
+    assert teacher.num_classes == gpt.cfg.num_classes == 3
+    assert np.load(os.path.join(out, "tokens", "train_ids.npy")).shape == (12, tokenizer.cfg.seq_len)
+
+
+def tiny_cifar_archive(path):
+    """A CIFAR-10 python archive in the official layout, with 2 images per batch."""
+    g = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, obj):
+            data = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)]})
+        for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+            add(name, {b"data": g.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i % 10, 9]})
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("prepare", os.path.join(HERE, "data", "cifar10", "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cifar10_prepare_writes_image_folders(tmp_path, monkeypatch):
+    prepare, archive = load_prepare(), str(tmp_path / "cifar.tar.gz")
+    tiny_cifar_archive(archive)
+    monkeypatch.setattr(prepare, "MD5", prepare.md5(archive))
+    monkeypatch.setattr(prepare.urllib.request, "urlretrieve", None)  # no network: a download would fail
+    prepare.main(["--archive", archive, "--out", str(tmp_path)])
+    ds = train.FolderDataset(str(tmp_path / "train"), 32, False, str(tmp_path))
+    assert len(ds) == 10 and ds.classes == [f"class{i}" for i in range(10)]
+    assert len(os.listdir(tmp_path / "test" / "class9")) == 1
+    with tarfile.open(archive) as tar:  # pixels come through unchanged (row-major CHW -> HWC)
+        batch = pickle.loads(tar.extractfile("cifar-10-batches-py/test_batch").read(), encoding="bytes")
+    img = np.asarray(Image.open(tmp_path / "test" / "class5" / "00000.png"))
+    assert np.array_equal(img, batch[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    monkeypatch.setattr(prepare, "MD5", "0" * 32)
+    with pytest.raises(ValueError, match="expected 0000"):
+        prepare.main(["--archive", archive, "--out", str(tmp_path)])
+
+
+def test_cifar10_prepare_refuses_a_pickle_that_runs_code(tmp_path):
+    prepare = load_prepare()
+    with pytest.raises(pickle.UnpicklingError, match="not a genuine archive"):
+        prepare.ArrayUnpickler(io.BytesIO(pickle.dumps(RunsCode()))).load()
 
 
 @pytest.mark.parametrize("argv,message", [

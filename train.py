@@ -55,11 +55,13 @@ def get_args(argv=None):
                    help="'toy': the teacher stage trains OUT_DIR/teacher.pt and the tokenizer stage reads it; "
                         "a path: the tokenizer stage uses that teacher checkpoint (no teacher stage)")
     # data
-    p.add_argument("--dataset", default="shapes", choices=["shapes"],
-                   help="'shapes': synthetic, rendered on the fly (deterministic per index and seed)")
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "folder", "imagenet", "cifar10"],
+                   help="'shapes': synthetic, rendered on the fly; 'folder'/'imagenet': DATA_PATH/train/<class>/"
+                        "<image> and DATA_PATH/val/...; 'cifar10': the folders data/cifar10/prepare.py writes")
+    p.add_argument("--data-path", default=None, help="root of a folder dataset (cifar10 default: data/cifar10)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--token-images", type=int, default=8192,
-                   help="shapes is endless: the GPT stage tokenizes this many training images once")
+    p.add_argument("--token-images", type=int, default=None,
+                   help="images the GPT stage tokenizes (default: 8192 of the endless shapes, all of a folder)")
     # optimisation
     p.add_argument("--iters", type=int, default=None, help="optimisation steps of every stage that runs "
                    "(default: per preset and stage, see DEFAULTS in train.py)")
@@ -93,6 +95,14 @@ def get_args(argv=None):
         p.error(f"--stage teacher trains the toy teacher; drop --teacher {args.teacher!r} or use --stage tokenizer")
     if args.teacher != "toy" and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy' or the path of a teacher checkpoint")
+    if args.dataset == "cifar10" and args.data_path is None:
+        args.data_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar10")
+    if args.dataset != "shapes" and not os.path.isdir(os.path.join(args.data_path or "", "train")):
+        fix = "run python data/cifar10/prepare.py" if args.dataset == "cifar10" else "see data/imagenet/README.md"
+        p.error(f"--dataset {args.dataset} needs --data-path DIR with DIR/train/<class>/<image>; "
+                f"got {args.data_path!r} ({fix})")
+    if args.token_images is None and args.dataset == "shapes":
+        args.token_images = 8192
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return args
@@ -189,9 +199,101 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
 
-def make_dataset(args, cfg, split, size=None):
-    sizes = {"train": 1_000_000, "val": EVAL_IMAGES}  # shapes: effectively endless training data
-    return ShapesDataset(size or sizes[split], cfg.image_size, args.seed, split)
+# ---------------------------------------------------------------------------------------------
+# Data: image folders (ImageNet, CIFAR-10 after data/cifar10/prepare.py, your own)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def scan_folder(root, cache_dir):
+    """root/<class>/.../<image> -> (classes, [[path relative to root, class index], ...]), classes =
+    sorted sub-folders. The scan of a big tree (ImageNet: 1.28M files) is cached in cache_dir and
+    reused while the class folders' modification times are unchanged (adding or removing a file
+    changes them)."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no folder {root}; see data/imagenet/README.md for the expected layout")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<image> "
+                         "(see data/imagenet/README.md)")
+    key = {"root": root, "mtimes": [os.stat(os.path.join(root, c)).st_mtime_ns for c in classes]}
+    cache = os.path.join(cache_dir, f"filelist_{hashlib.sha256(root.encode()).hexdigest()[:12]}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return classes, cached["files"]
+    files = []
+    for ci, c in enumerate(classes):
+        for folder, _, names in sorted(os.walk(os.path.join(root, c))):
+            files += [[os.path.relpath(os.path.join(folder, n), root), ci] for n in sorted(names)
+                      if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(cache + ".tmp", "w") as f:
+        json.dump({"key": key, "files": files}, f)
+    os.replace(cache + ".tmp", cache)
+    return classes, files
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Images in the ImageFolder layout, as (image (3, S, S) in [-1, 1], class). augment: a random
+    resized crop keeping >= 80% of the area (the official TokenFlow pipeline) and a horizontal
+    flip; otherwise the centre square, resized to S."""
+
+    def __init__(self, root, image_size, augment, cache_dir):
+        self.root, self.image_size, self.augment = os.path.abspath(root), image_size, augment
+        self.classes, self.files = scan_folder(root, cache_dir)
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.files)
+
+    def crop_box(self, w, h):
+        """(left, top, right, bottom) of the crop: random (area 80-100%, aspect 3/4-4/3) or centre."""
+        for _ in range(10 if self.augment else 0):  # as torchvision's RandomResizedCrop
+            area = w * h * (0.8 + 0.2 * torch.rand(()).item())
+            ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(()).item())
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if cw <= w and ch <= h:
+                left, top = torch.randint(0, w - cw + 1, ()).item(), torch.randint(0, h - ch + 1, ()).item()
+                return left, top, left + cw, top + ch
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return left, top, left + side, top + side
+
+    def __getitem__(self, i):
+        path, label = self.files[i]
+        with Image.open(os.path.join(self.root, path)) as img:
+            img = img.convert("RGB")
+        img = img.resize((self.image_size, self.image_size), Image.BICUBIC, box=self.crop_box(*img.size))
+        if self.augment and torch.rand(()) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1), label
+
+
+def spread(dataset, n):
+    """At most n items spread evenly over a dataset (sorted by class, so every class is in)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    subset = torch.utils.data.Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+def make_dataset(args, cfg, split, size=None, augment=None):
+    """The train or val split of --dataset; size caps it (shapes: sets it); augment defaults to split == 'train'."""
+    if args.dataset == "shapes":
+        sizes = {"train": 1_000_000, "val": EVAL_IMAGES}  # shapes: effectively endless training data
+        return ShapesDataset(size or sizes[split], cfg.image_size, args.seed, split)
+    root = os.path.join(args.data_path, split)
+    if split == "val" and not os.path.isdir(root):
+        root = os.path.join(args.data_path, "test")  # CIFAR-10 calls its held-out split test
+    augment = split == "train" if augment is None else augment
+    dataset = FolderDataset(root, cfg.image_size, augment, cache_dir=args.out_dir)
+    return spread(dataset, size if split == "train" else EVAL_IMAGES)
 
 
 def eval_loader(dataset, batch_size):
@@ -256,10 +358,11 @@ def token_file(args, tokenizer, split):
     """Tokenize a split once -> TokenDataset; reused while the tokenizer's encoders and codebook and
     the data are the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json,
     written last and removed first, so a crash mid-write never leaves a meta beside other ids)."""
-    dataset = make_dataset(args, tokenizer.cfg, split, args.token_images if split == "train" else None)
+    dataset = make_dataset(args, tokenizer.cfg, split, args.token_images if split == "train" else None, augment=False)
     root = os.path.join(args.out_dir, "tokens")
     paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
-    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "seed": args.seed,
+    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
+            "seed": args.seed,
             "images": len(dataset), "seq_len": tokenizer.cfg.seq_len, "dtype": args.dtype}
     if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
         return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
@@ -390,16 +493,17 @@ def train_loop(args, stage, model, params, dataset, step_fn, eval_fn, save_fn, w
 @torch.no_grad()
 def evaluate_teacher(args, teacher):
     teacher.eval()
-    correct = 0
-    for x, y in eval_loader(make_dataset(args, teacher.cfg, "val"), 256):
+    correct, val = 0, make_dataset(args, teacher.cfg, "val")
+    for x, y in eval_loader(val, 256):
         with autocast_ctx(args):
             correct += (teacher(x.to(args.device)).argmax(1).cpu() == y).sum().item()
-    return {"acc": correct / EVAL_IMAGES}
+    return {"acc": correct / len(val)}
 
 
 def train_teacher(args, cfg):
     torch.manual_seed(args.seed)
-    teacher = tf.Teacher(cfg, ShapesDataset.num_classes).to(args.device)
+    data = make_dataset(args, cfg, "train")
+    teacher = tf.Teacher(cfg, data.num_classes).to(args.device)
     model = torch.compile(teacher) if args.compile else teacher
 
     def step_fn(x, y):
@@ -410,8 +514,8 @@ def train_teacher(args, cfg):
         tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
                            num_classes=teacher.num_classes, optimizer=opt.state_dict(), args=vars(args))
 
-    return train_loop(args, "teacher", teacher, list(teacher.parameters()), make_dataset(args, cfg, "train"),
-                      step_fn, lambda: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
+    return train_loop(args, "teacher", teacher, list(teacher.parameters()), data, step_fn,
+                      lambda: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +650,7 @@ def train_gpt(args, tok_cfg, gpt_cfg):
             raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
                              f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
                              "train the GPT from scratch (drop --resume) or use another --out-dir")
-    gpt_cfg = replace(gpt_cfg, num_classes=ShapesDataset.num_classes)
+    gpt_cfg = replace(gpt_cfg, num_classes=make_dataset(args, tok_cfg, "val").num_classes)
     torch.manual_seed(args.seed)
     gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
     model = torch.compile(gpt) if args.compile else gpt
