@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -35,6 +36,84 @@ TINY = tf.TokenizerConfig(
 
 def images(B, size=16, seed=0):
     return torch.rand(B, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP weights
+
+
+class ClipVisual(torch.nn.Module):
+    """OpenAI CLIP's image tower with its own attribute names and forward (LND, nn.MultiheadAttention)."""
+
+    def __init__(self, width=64, layers=2, patch=4, grid=3, out=16):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = torch.nn.Parameter(torch.randn(width) * 0.2)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(grid * grid + 1, width) * 0.2)
+        self.ln_pre, self.ln_post = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.transformer = torch.nn.Module()
+        self.transformer.resblocks = torch.nn.Sequential(*[ClipBlock(width) for _ in range(layers)])
+        self.proj = torch.nn.Parameter(torch.randn(width, out) * 0.1)
+
+    def forward(self, x):  # -> patch tokens after ln_post (B, N, width)
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1) + self.positional_embedding
+        x = self.transformer.resblocks(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)
+        return self.ln_post(x[:, 1:])
+
+
+class ClipBlock(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, width // 64)
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.add_module("c_fc", torch.nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", tf.QuickGELU())
+        self.mlp.add_module("c_proj", torch.nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Clip(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual = ClipVisual(width=128)
+        self.logit_scale = torch.nn.Parameter(torch.ones(()))  # text-side keys are ignored
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+@pytest.mark.filterwarnings("ignore")  # tracing and torch.jit.save warn; the archive is what we need
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "torchscript_fp16"])
+def test_load_clip_matches_the_clip_forward(tmp_path, fmt):
+    torch.manual_seed(0)
+    clip, x, path = Clip().eval(), torch.randn(2, 3, 12, 12), str(tmp_path / "clip.pt")
+    if fmt == "state_dict":
+        torch.save(clip.state_dict(), path)
+    else:  # the distributed format: a TorchScript archive; OpenAI's holds fp16 weights
+        traced = torch.jit.trace(clip, x)
+        torch.jit.save(traced.half() if fmt.endswith("fp16") else traced, path)
+        clip = clip.half().float() if fmt.endswith("fp16") else clip  # the reference sees the same rounding
+    vit = tf.load_clip(path)
+    assert len(vit.blocks) == 2 and vit.positional_embedding.shape == (10, 128)
+    with torch.no_grad():
+        assert torch.allclose(vit(x), clip.visual(x), atol=1e-4)
+    assert torch.equal(vit.proj.weight, clip.visual.proj.detach().T)
+
+
+def test_torchscript_weights_that_would_run_code_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with zipfile.ZipFile("evil.pt", "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps({"visual.conv1.weight": RunsCode()}, protocol=2))
+        zf.writestr("evil/constants.pkl", pickle.dumps(()))
+    with pytest.raises(pickle.UnpicklingError, match="no place in a weights file"):
+        tf.load_clip("evil.pt")
+    assert not os.path.exists("pwned")
 
 
 # ---------------------------------------------------------------------------------------------

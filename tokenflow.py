@@ -34,9 +34,11 @@ References
    nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
 """
 
+import io
 import math
 import os
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -56,6 +58,7 @@ class TokenizerConfig:
     vit_depth: int = 12  # transformer blocks of the teacher-shaped ViT
     vit_heads: int = 12  # attention heads, in every ViT here
     vit_stem_ch: int = 0  # 0: CLIP's single patch conv; > 0: a conv stem of that width (toy, see ViT)
+    vit_quick_gelu: bool = False  # CLIP's QuickGELU in the MLPs (set for a CLIP teacher; False: GELU)
     teacher_dim: int = 512  # T: teacher feature width (CLIP ViT-B/16 `proj` output)
     sem_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # teacher input normalisation on
     sem_std: tuple = (0.26862954, 0.26130258, 0.27577711)  # [0, 1] pixels (CLIP's values)
@@ -214,14 +217,20 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
+class QuickGELU(nn.Module):
+    def forward(self, x):  # CLIP's GELU approximation; its weights were trained with it
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, quick_gelu=False):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
         self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), QuickGELU() if quick_gelu else nn.GELU(),
+                                 nn.Linear(4 * dim, dim))
 
     def forward(self, x, mask=None, cache=None):
         x = x + self.attn(self.ln_1(x), mask, cache)
@@ -314,14 +323,14 @@ class ViT(nn.Module):
     (B, in_ch, g*p, g*p) -> patch tokens (B, g*g, D); the class token is used inside, not returned.
     stem_ch > 0 swaps the patch conv for a conv stem (the toy teacher trains from scratch in a minute)."""
 
-    def __init__(self, in_ch, patch_size, grid, width, depth, heads, stem_ch=0):
+    def __init__(self, in_ch, patch_size, grid, width, depth, heads, stem_ch=0, quick_gelu=False):
         super().__init__()
         self.conv1 = (conv_stem(in_ch, patch_size, width, stem_ch) if stem_ch else
                       nn.Conv2d(in_ch, width, patch_size, stride=patch_size, bias=False))
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) * width**-0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, quick_gelu) for _ in range(depth))
         self.ln_post = nn.LayerNorm(width)
         init_weights(self)
 
@@ -349,7 +358,8 @@ class Teacher(nn.Module):
     def __init__(self, cfg, num_classes=0):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
-        self.vit = ViT(3, cfg.patch_size, cfg.grid, cfg.vit_width, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch)
+        self.vit = ViT(3, cfg.patch_size, cfg.grid, cfg.vit_width, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch,
+                       cfg.vit_quick_gelu)
         self.proj = nn.Linear(cfg.vit_width, cfg.teacher_dim, bias=False)
         self.head = nn.Linear(cfg.teacher_dim, num_classes) if num_classes else None
         init_weights(self)
@@ -359,6 +369,99 @@ class Teacher(nn.Module):
 
     def forward(self, x_B3HW):
         return self.head(self.features(x_B3HW).mean(1))  # (B, num_classes) logits
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP weights: OpenAI's checkpoint (a TorchScript archive as distributed, or a plain state dict)
+# read without running any of its code, mapped onto the ViT above
+
+
+class ScriptObject:
+    """Stands in for a TorchScript module while unpickling: it keeps the attributes, runs nothing."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class ScriptWeightsUnpickler(pickle.Unpickler):
+    """The data.pkl of a TorchScript archive -> its object tree with tensors. Allowed: module objects
+    (as ScriptObject), tensors whose bytes come from the archive, OrderedDict; nothing else."""
+
+    DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+              "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+              "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+    def __init__(self, zf, root):
+        super().__init__(io.BytesIO(zf.read(f"{root}/data.pkl")))
+        self.zf, self.root = zf, root
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if module == "torch" and name in self.DTYPES:
+            return self.DTYPES[name]
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor, ("collections", "OrderedDict"): dict}
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a weights file")
+        return allowed[(module, name)]
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the bytes of one storage
+        _, dtype, key, _, numel = pid
+        return torch.frombuffer(bytearray(self.zf.read(f"{self.root}/data/{key}")), dtype=dtype)[:numel]
+
+
+def rebuild_tensor(storage, offset, size, stride, *_):
+    return storage.as_strided(size, stride, offset)
+
+
+def named_tensors(obj, prefix=""):
+    """A ScriptObject tree -> {dotted name: tensor}, the keys a state_dict would have."""
+    out = {}
+    for k, v in (obj.state if isinstance(obj, ScriptObject) else obj).items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+        elif isinstance(v, (ScriptObject, dict)):
+            out.update(named_tensors(v, f"{prefix}{k}."))
+    return out
+
+
+def read_weights(path):
+    """A weights file -> {name: tensor} without running code from it: a TorchScript archive is
+    unpickled by ScriptWeightsUnpickler, anything else by torch.load(weights_only=True)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
+                root = names[0].split("/")[0]
+                return named_tensors(ScriptWeightsUnpickler(zf, root).load())
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd)
+
+
+def load_clip(path):
+    """OpenAI CLIP weights (ViT-B/16 or any other ViT) -> our ViT with QuickGELU; sizes come from the
+    tensor shapes. Called on CLIP-normalised images it returns the patch tokens after ln_post
+    (B, N, width); its extra `proj` (Linear, no bias) maps them to CLIP's embedding space."""
+    sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items() if k.startswith("visual.")}
+    if "conv1.weight" not in sd:
+        raise ValueError(f"{path} has no visual.conv1.weight: not a CLIP checkpoint with a ViT image encoder")
+    width, _, patch, _ = sd["conv1.weight"].shape
+    grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    vit = ViT(3, patch, grid, width, depth, width // 64, quick_gelu=True)  # CLIP: 64-d heads
+    ours = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",
+                               "ln_pre.bias", "ln_post.weight", "ln_post.bias")}
+    names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+             "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
+             "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias", "mlp.c_proj.weight": "mlp.2.weight",
+             "mlp.c_proj.bias": "mlp.2.bias", "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+             "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias"}
+    for i in range(depth):
+        ours.update({f"blocks.{i}.{b}": sd[f"transformer.resblocks.{i}.{a}"] for a, b in names.items()})
+    vit.load_state_dict(ours)  # strict: a missing or misshapen tensor stops here
+    vit.proj = nn.Linear(width, sd["proj"].shape[1], bias=False)
+    vit.proj.weight.data.copy_(sd["proj"].T)  # CLIP applies x @ proj
+    return vit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +533,7 @@ class TokenFlow(nn.Module):
         self.cfg = cfg
         n, D = cfg.grid, cfg.vit_width
         # 1. semantic encoder: the teacher's ViT (load its weights before training), then a head
-        self.sem_enc = ViT(3, cfg.patch_size, n, D, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch)
+        self.sem_enc = ViT(3, cfg.patch_size, n, D, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch, cfg.vit_quick_gelu)
         self.sem_enc_head = mlp_head(D, cfg.sem_dim)
         # 2. pixel encoder: VQGAN CNN ending in pix_dim channels on the same n x n grid
         self.pix_enc = PixelEncoder(cfg)
@@ -752,5 +855,5 @@ PRESETS = {
         codebook_size=512, scales=(1, 2, 4, 6, 8), sem_dec_depth=2),
         "gpt": GPTConfig(num_classes=8, width=128, depth=4, heads=4)},
     # TokenFlow-B: CLIP ViT-B/16 teacher at 224 px, 14x14 grid, K = 32,768, L = 561
-    "tokenflow-b": {"tokenizer": TokenizerConfig(), "gpt": GPTConfig()},
+    "tokenflow-b": {"tokenizer": TokenizerConfig(vit_quick_gelu=True), "gpt": GPTConfig()},
 }

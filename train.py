@@ -527,7 +527,7 @@ def load_teacher(args, cfg):
     path = os.path.join(args.out_dir, "teacher.pt") if args.teacher == "toy" else args.teacher
     teacher, _ = tf.load_model(path, "teacher")
     diff = config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
-                                          "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
+                                          "vit_quick_gelu", "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
     if diff:
         raise ValueError(f"teacher {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
                          "train a teacher for this preset")
