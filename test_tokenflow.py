@@ -4,6 +4,7 @@ Invariants of the tokenizer and the training script, on tiny CPU configs.
     python -m pytest -q test_tokenflow.py
 """
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -114,6 +115,43 @@ def test_torchscript_weights_that_would_run_code_are_refused(tmp_path, monkeypat
     with pytest.raises(pickle.UnpicklingError, match="no place in a weights file"):
         tf.load_clip("evil.pt")
     assert not os.path.exists("pwned")
+
+
+def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatch):
+    """CLIP weights become the tokenizer stage's teacher: same features as CLIP on the same input."""
+    torch.manual_seed(0)
+    visual = ClipVisual(width=64, layers=2, patch=4, grid=4, out=16).eval()
+    clip = Clip()
+    clip.visual = visual
+    path = str(tmp_path / "clip.pt")
+    torch.save(clip.state_dict(), path)
+    cfg = replace(TINY, vit_width=64, vit_depth=2, vit_heads=1, vit_stem_ch=0, vit_quick_gelu=True,
+                  sem_mean=(0.48145466, 0.4578275, 0.40821073), sem_std=(0.26862954, 0.26130258, 0.27577711))
+    teacher = train.clip_teacher(path, cfg).eval()
+    x = images(2)
+    with torch.no_grad():
+        assert torch.allclose(teacher.features(x), visual(tf.teacher_input(x, cfg)) @ visual.proj, atol=1e-4)
+    with pytest.raises(ValueError, match="vit_depth = 2 vs 3"):
+        train.clip_teacher(path, replace(cfg, vit_depth=3))
+    # --teacher clip-vit-b16: fetched once into the cache, then its SHA-256 is checked
+    monkeypatch.setenv("TOKENFLOW_CACHE", str(tmp_path / "cache"))
+    fake = "https://example.invalid/x/" + hashlib.sha256(open(path, "rb").read()).hexdigest() + "/ViT-B-16.pt"
+    monkeypatch.setattr(train, "CLIP_URL", fake)
+    monkeypatch.setattr(train.urllib.request, "urlretrieve", lambda url, dst: shutil.copy(path, dst))
+    fetched = train.fetch_clip()
+    assert open(fetched, "rb").read() == open(path, "rb").read()
+    open(fetched, "ab").write(b"x")  # a corrupted cache
+    with pytest.raises(ValueError, match="SHA-256"):
+        train.fetch_clip()
+
+
+def test_positions_resize_keeps_the_class_token_and_is_identity_at_the_same_grid():
+    pos = torch.randn(1 + 14 * 14, 8)
+    assert torch.equal(tf.resize_positions(pos, 14), pos)
+    big = tf.resize_positions(pos, 16)
+    assert big.shape == (1 + 16 * 16, 8) and torch.equal(big[0], pos[0])
+    flat = torch.cat([pos[:1], torch.ones(14 * 14, 8)])  # a constant grid stays constant
+    assert torch.allclose(tf.resize_positions(flat, 16)[1:], torch.ones(16 * 16, 8), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -434,19 +434,37 @@ def read_weights(path):
             if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
                 root = names[0].split("/")[0]
                 return named_tensors(ScriptWeightsUnpickler(zf, root).load())
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a weights file this code can read safely ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else {}
 
 
-def load_clip(path):
+def resize_positions(pos_1ND, grid):
+    """Position embeddings (1 + g*g, D) -> (1 + grid*grid, D): the class token's kept, the g x g patch
+    grid bicubic-resized, so CLIP at 224 px (14 x 14) can run at 256 px (16 x 16), as the
+    official --infer_interpolate."""
+    g = math.isqrt(pos_1ND.shape[0] - 1)
+    if g == grid:
+        return pos_1ND
+    patches = pos_1ND[1:].T.reshape(1, -1, g, g)  # (1, D, g, g)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_1ND[:1], patches.reshape(-1, grid * grid).T])
+
+
+def load_clip(path, grid=None):
     """OpenAI CLIP weights (ViT-B/16 or any other ViT) -> our ViT with QuickGELU; sizes come from the
-    tensor shapes. Called on CLIP-normalised images it returns the patch tokens after ln_post
-    (B, N, width); its extra `proj` (Linear, no bias) maps them to CLIP's embedding space."""
+    tensor shapes, and grid (default: CLIP's own) resizes the position embeddings. Called on
+    CLIP-normalised images it returns the patch tokens after ln_post (B, N, width); its extra
+    `proj` (Linear, no bias) maps them to CLIP's embedding space."""
     sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items() if k.startswith("visual.")}
     if "conv1.weight" not in sd:
         raise ValueError(f"{path} has no visual.conv1.weight: not a CLIP checkpoint with a ViT image encoder")
     width, _, patch, _ = sd["conv1.weight"].shape
-    grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    grid = grid or math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    sd["positional_embedding"] = resize_positions(sd["positional_embedding"], grid)
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     vit = ViT(3, patch, grid, width, depth, width // 64, quick_gelu=True)  # CLIP: 64-d heads
     ours = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",

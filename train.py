@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 
@@ -53,7 +54,8 @@ def get_args(argv=None):
                    help="which stage to run; 'all' runs teacher, tokenizer, then GPT")
     p.add_argument("--teacher", default="toy",
                    help="'toy': the teacher stage trains OUT_DIR/teacher.pt and the tokenizer stage reads it; "
-                        "a path: the tokenizer stage uses that teacher checkpoint (no teacher stage)")
+                        "'clip-vit-b16': OpenAI CLIP ViT-B/16, downloaded once into $TOKENFLOW_CACHE "
+                        "(~/.cache/tokenflow) and checked; a path: a teacher checkpoint or CLIP weights file")
     # data
     p.add_argument("--dataset", default="shapes", choices=["shapes", "folder", "imagenet", "cifar10"],
                    help="'shapes': synthetic, rendered on the fly; 'folder'/'imagenet': DATA_PATH/train/<class>/"
@@ -93,8 +95,9 @@ def get_args(argv=None):
                 f"with the preset's ViT sizes)")
     if args.teacher != "toy" and args.stage == "teacher":
         p.error(f"--stage teacher trains the toy teacher; drop --teacher {args.teacher!r} or use --stage tokenizer")
-    if args.teacher != "toy" and not os.path.isfile(args.teacher):
-        p.error(f"--teacher {args.teacher!r}: no such file; give 'toy' or the path of a teacher checkpoint")
+    if args.teacher not in ("toy", "clip-vit-b16") and not os.path.isfile(args.teacher):
+        p.error(f"--teacher {args.teacher!r}: no such file; give 'toy', 'clip-vit-b16' or the path of a teacher "
+                "checkpoint or CLIP weights")
     if args.dataset == "cifar10" and args.data_path is None:
         args.data_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar10")
     if args.dataset != "shapes" and not os.path.isdir(os.path.join(args.data_path or "", "train")):
@@ -522,9 +525,52 @@ def train_teacher(args, cfg):
 # Stage 2: the tokenizer
 
 
+CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt")  # SHA-256 in the path
+
+
+def fetch_clip():
+    """OpenAI's ViT-B/16 file, downloaded once into the cache; its SHA-256 must be the one in the URL."""
+    cache = os.environ.get("TOKENFLOW_CACHE", os.path.expanduser("~/.cache/tokenflow"))
+    path = os.path.join(cache, os.path.basename(CLIP_URL))
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        tqdm.write(f"downloading {CLIP_URL} -> {path}")
+        urllib.request.urlretrieve(CLIP_URL, path + ".part")
+        os.replace(path + ".part", path)
+    expected, h = CLIP_URL.split("/")[-2], hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != expected:
+        raise ValueError(f"{path} has SHA-256 {h.hexdigest()}, expected {expected}: a partial or altered "
+                         "download; delete it and run again")
+    return path
+
+
+def clip_teacher(path, cfg):
+    """CLIP weights as a Teacher for cfg (position embeddings resized to cfg.grid); the ViT sizes
+    come from the weights and must be the preset's."""
+    vit = tf.load_clip(path, grid=cfg.grid)
+    found = {"patch_size": vit.conv1.kernel_size[0], "vit_width": len(vit.class_embedding),
+             "vit_depth": len(vit.blocks), "vit_heads": vit.blocks[0].attn.heads,
+             "teacher_dim": vit.proj.out_features, "vit_stem_ch": 0, "vit_quick_gelu": True}
+    diff = [f"{k} = {v} vs {getattr(cfg, k)}" for k, v in found.items() if v != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"CLIP weights {path} vs the preset differ in {'; '.join(diff)} (CLIP vs preset)")
+    teacher = tf.Teacher(cfg)
+    teacher.proj.load_state_dict(vit.proj.state_dict())
+    del vit.proj
+    teacher.vit.load_state_dict(vit.state_dict())
+    return teacher
+
+
 def load_teacher(args, cfg):
-    """The frozen teacher, checked against the tokenizer config it must match."""
-    path = os.path.join(args.out_dir, "teacher.pt") if args.teacher == "toy" else args.teacher
+    """The frozen teacher (the toy one, our own checkpoint, or CLIP), checked against the preset."""
+    path = {"toy": os.path.join(args.out_dir, "teacher.pt"), "clip-vit-b16": None}.get(args.teacher, args.teacher)
+    path = path or fetch_clip()
+    if args.teacher != "toy" and "visual.conv1.weight" in tf.read_weights(path):
+        return clip_teacher(path, cfg).to(args.device).eval().requires_grad_(False)
     teacher, _ = tf.load_model(path, "teacher")
     diff = config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
                                           "vit_quick_gelu", "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
