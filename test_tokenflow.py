@@ -141,7 +141,7 @@ def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatc
     fetched = train.fetch_clip()
     assert open(fetched, "rb").read() == open(path, "rb").read()
     open(fetched, "ab").write(b"x")  # a corrupted cache
-    with pytest.raises(ValueError, match="SHA-256"):
+    with pytest.raises(ValueError, match="sha256"):
         train.fetch_clip()
 
 
@@ -694,6 +694,55 @@ def test_cifar10_prepare_refuses_a_pickle_that_runs_code(tmp_path):
     prepare = load_prepare()
     with pytest.raises(pickle.UnpicklingError, match="not a genuine archive"):
         prepare.ArrayUnpickler(io.BytesIO(pickle.dumps(RunsCode()))).load()
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS and the PatchGAN
+
+
+def test_lpips_is_zero_on_identical_images_symmetric_and_positive():
+    torch.manual_seed(0)
+    lpips = train.LPIPS()
+    for lin in lpips.lins:  # LPIPS v0.1 heads are non-negative
+        lin.weight.data.abs_()
+    x, y = images(3, 32), images(3, 32, seed=1)
+    assert torch.equal(lpips(x, x), torch.zeros(3))
+    assert torch.allclose(lpips(x, y), lpips(y, x)) and (lpips(x, y) > 0).all()
+    assert (lpips(x, x + 0.3 * (y - x)) < lpips(x, y)).all()  # closer images, smaller distance
+
+
+def test_load_lpips_reads_torchvision_vgg_and_lpips_heads(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ref = train.LPIPS()
+    vgg = {f"features.{k}": v for k, v in ref.features.state_dict().items()}
+    vgg["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision's file holds the classifier too
+    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
+    torch.save({f"lin{i}.model.1.weight": lin.weight.abs() for i, lin in enumerate(ref.lins)}, tmp_path / "vgg.pth")
+    digest = lambda name, algo: hashlib.new(algo, open(tmp_path / name, "rb").read()).hexdigest()
+    monkeypatch.setattr(train, "VGG16_SHA256", digest("vgg16-397923af.pth", "sha256")[:8])
+    monkeypatch.setattr(train, "LPIPS_MD5", digest("vgg.pth", "md5"))
+    monkeypatch.setattr(train.urllib.request, "urlretrieve", None)  # the files are there: no download
+    lpips = train.load_lpips(str(tmp_path))
+    assert torch.equal(lpips.features[28].weight, ref.features[28].weight)
+    assert torch.equal(lpips.lins[4].weight, ref.lins[4].weight.abs())
+    monkeypatch.setattr(train, "LPIPS_MD5", "0" * 32)
+    with pytest.raises(ValueError, match="expected 0000"):
+        train.load_lpips(str(tmp_path))
+
+
+def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
+    assert train.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])).item() == 1.0
+    out = str(tmp_path / "out")
+    shutil.copytree(toy_run[0], out)
+    argv = ["--stage", "tokenizer", "--out-dir", out, "--disc-start", "1", "--adaptive-disc-weight"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "EVAL_IMAGES", 64)
+        train.main(argv + ["--iters", "3"])
+        ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
+        assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 2  # steps 1 and 2 of 0, 1, 2
+        train.main(argv + ["--iters", "4", "--resume"])
+    ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 3  # resumed, not restarted
 
 
 @pytest.mark.parametrize("argv,message", [

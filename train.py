@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -69,6 +70,13 @@ def get_args(argv=None):
                    "(default: per preset and stage, see DEFAULTS in train.py)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per preset and stage)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset and stage)")
+    # tokenizer losses beyond L2 + semantic + VQ (TokenFlow-B: LPIPS 1.0, PatchGAN 0.5 from step 20,000)
+    p.add_argument("--lpips-weights", default=None, metavar="DIR",
+                   help="LPIPS on: DIR/vgg16-397923af.pth and DIR/vgg.pth, downloaded into DIR once if missing")
+    p.add_argument("--disc-start", type=int, default=20_000, help="tokenizer step at which the PatchGAN loss starts")
+    p.add_argument("--disc-weight", type=float, default=0.5, help="weight of the generator's hinge loss")
+    p.add_argument("--adaptive-disc-weight", action="store_true",
+                   help="also scale it by VQGAN's ratio of reconstruction to GAN gradient norms")
     p.add_argument("--overfit-batch", action="store_true",
                    help="train on one fixed batch: the loss should go towards zero (a debugging aid)")
     # output and bookkeeping
@@ -390,6 +398,101 @@ def token_file(args, tokenizer, split):
 
 
 # ---------------------------------------------------------------------------------------------
+# Losses with extra networks: LPIPS (VGG16 + learned heads) and a PatchGAN discriminator
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+VGG16_SHA256 = "397923af"  # torchvision puts the start of the file's SHA-256 in its name
+LPIPS_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"  # LPIPS v0.1 VGG heads (taming's vgg.pth)
+LPIPS_MD5 = "d507d7349b931f0638a25a48a722f98a"
+
+
+def checked_download(url, path, algo, digest):
+    """path, downloaded from url if missing; its algo ('sha256', 'md5') hex digest must start with digest."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tqdm.write(f"downloading {url} -> {path}")
+        urllib.request.urlretrieve(url, path + ".part")
+        os.replace(path + ".part", path)
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if not h.hexdigest().startswith(digest):
+        raise ValueError(f"{path} has {algo} {h.hexdigest()}, expected {digest}...: a partial or altered "
+                         "download; delete it and run again")
+    return path
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
+    features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
+    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)  # the indices of torchvision's vgg16().features
+        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))  # LPIPS's input
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))  # normalisation
+        self.requires_grad_(False)
+
+    def forward(self, x, y):
+        h, dist, lins = (torch.cat([x, y]) - self.shift) / self.scale, 0, iter(self.lins)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = f.chunk(2)
+                dist = dist + next(lins)((fx - fy) ** 2).mean((2, 3))
+        return dist.flatten()  # (B,)
+
+
+def load_lpips(weights_dir):
+    """LPIPS with weights_dir/vgg16-397923af.pth (torchvision's VGG16) and weights_dir/vgg.pth (the
+    LPIPS heads), each downloaded once if missing and checked."""
+    vgg = checked_download(VGG16_URL, os.path.join(weights_dir, "vgg16-397923af.pth"), "sha256", VGG16_SHA256)
+    heads = checked_download(LPIPS_URL, os.path.join(weights_dir, "vgg.pth"), "md5", LPIPS_MD5)
+    lpips, vgg, heads = LPIPS(), tf.read_weights(vgg), tf.read_weights(heads)
+    lpips.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
+    lpips.lins.load_state_dict({f"{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5)})
+    return lpips.eval()
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as VQGAN uses it: 4x4 convs, three stride-2 with BatchNorm and
+    LeakyReLU(0.2) -> one real/fake logit per patch (B, 1, h, w)."""
+
+    def __init__(self, ch=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
+            c = c_out
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer):
+    """VQGAN's balance (Esser et al. 2021, eq. 7): ||grad rec|| / ||grad g|| at the decoder's last layer."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers: learning rate, autocast, logging, image grids
 
 
@@ -397,6 +500,11 @@ def config_diff(a, b, keys=None):
     """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
     keys = keys or asdict(a).keys()
     return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
+
+
+def stage_hparams(args, stage):
+    """iters, batch_size, lr of a stage: the command line's where given, else DEFAULTS."""
+    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS[(args.preset, stage)].items()}
 
 
 def get_lr(step, iters, peak):
@@ -442,9 +550,9 @@ def make_optimizer(params, lr, args, weight_decay):
 
 def train_loop(args, stage, model, params, dataset, step_fn, eval_fn, save_fn, weight_decay=0.0):
     """The one loop every stage shares: lr -> every N steps eval + checkpoint -> step -> log.
-    dataset yields (x, y); step_fn(x, y) -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, optimizer)."""
-    hp = {k: getattr(args, k) if getattr(args, k) is not None else v
-          for k, v in DEFAULTS[(args.preset, stage)].items()}
+    dataset yields (x, y); step_fn(x, y, step) -> (loss, dict of floats); eval_fn() -> dict;
+    save_fn(step, optimizer)."""
+    hp = stage_hparams(args, stage)
     opt = make_optimizer(params, hp["lr"], args, weight_decay)
     step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
     if args.resume and os.path.exists(ckpt_path):
@@ -473,7 +581,7 @@ def train_loop(args, stage, model, params, dataset, step_fn, eval_fn, save_fn, w
         x, y = next(data)
         model.train()
         with autocast_ctx(args):
-            loss, stats = step_fn(x, y)
+            loss, stats = step_fn(x, y, step)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
@@ -509,7 +617,7 @@ def train_teacher(args, cfg):
     teacher = tf.Teacher(cfg, data.num_classes).to(args.device)
     model = torch.compile(teacher) if args.compile else teacher
 
-    def step_fn(x, y):
+    def step_fn(x, y, _):
         loss = F.cross_entropy(model(x), y)
         return loss, {}
 
@@ -533,19 +641,7 @@ def fetch_clip():
     """OpenAI's ViT-B/16 file, downloaded once into the cache; its SHA-256 must be the one in the URL."""
     cache = os.environ.get("TOKENFLOW_CACHE", os.path.expanduser("~/.cache/tokenflow"))
     path = os.path.join(cache, os.path.basename(CLIP_URL))
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        tqdm.write(f"downloading {CLIP_URL} -> {path}")
-        urllib.request.urlretrieve(CLIP_URL, path + ".part")
-        os.replace(path + ".part", path)
-    expected, h = CLIP_URL.split("/")[-2], hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != expected:
-        raise ValueError(f"{path} has SHA-256 {h.hexdigest()}, expected {expected}: a partial or altered "
-                         "download; delete it and run again")
-    return path
+    return checked_download(CLIP_URL, path, "sha256", CLIP_URL.split("/")[-2])
 
 
 def clip_teacher(path, cfg):
@@ -612,23 +708,43 @@ def train_tokenizer(args, cfg):
     tokenizer = tf.TokenFlow(cfg).to(args.device)
     tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
     model = torch.compile(tokenizer) if args.compile else tokenizer
+    lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
+    tqdm.write(f"tokenizer: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
+               f"PatchGAN from step {args.disc_start}")
+    hp = stage_hparams(args, "tokenizer")
+    disc, path = None, os.path.join(args.out_dir, "tokenizer.pt")
+    if args.disc_start < hp["iters"]:  # only a run that reaches the GAN builds (and saves) the discriminator
+        with torch.random.fork_rng():  # its init leaves the training RNG (scale drop) as it was
+            disc = PatchDiscriminator().to(args.device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=hp["lr"], betas=(0.5, 0.9))  # VQGAN's D betas
+        if args.resume and os.path.exists(path) and "disc" in (ckpt := tf.load_checkpoint(path, "tokenizer")):
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_optimizer"])
 
-    def step_fn(x, y):
+    def step_fn(x, y, step):
         with torch.no_grad():
             target = teacher.features(x)  # (B, n*n, T)
         x_rec, sem, stats = model(x)
-        rec = F.mse_loss(x_rec, x)
+        rec = F.mse_loss(x_rec, x) + (lpips(x_rec, x).mean() if lpips else 0)  # L2 + LPIPS (weight 1)
         sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()  # TokenFlow's semantic loss
-        loss = rec + sem_loss + stats["vq"]
-        return loss, {"rec": rec.item(), "sem": sem_loss.item(), "usage": stats["usage"].item()}
+        loss, log = rec + sem_loss + stats["vq"], {"rec": rec.item(), "sem": sem_loss.item()}
+        if step >= args.disc_start:  # 1. discriminator step (hinge), 2. generator's adversarial term
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss = hinge_d_loss(disc(x), disc(x_rec.detach()))
+            d_loss.backward()
+            disc_opt.step()
+            g_loss = -disc(x_rec).mean()
+            w = adaptive_weight(rec, g_loss, tokenizer.pix_dec.conv_out.weight) if args.adaptive_disc_weight else 1
+            loss = loss + args.disc_weight * w * g_loss
+            log.update(d=d_loss.item(), g=g_loss.item())
+        return loss, {**log, "usage": stats["usage"].item()}
 
     def save_fn(step, opt):
-        tf.save_checkpoint(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer", cfg, tokenizer, step,
-                           optimizer=opt.state_dict(), args=vars(args))
+        gan = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc else {}
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, optimizer=opt.state_dict(), args=vars(args), **gan)
 
     return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), make_dataset(args, cfg, "train"),
-                      step_fn,
-                      lambda: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
+                      step_fn, lambda: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,7 +817,7 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
     model = torch.compile(gpt) if args.compile else gpt
 
-    def step_fn(idx, y):
+    def step_fn(idx, y, _):
         logits = model(idx, y)  # (B, L, K)
         return F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten()), {}
 
