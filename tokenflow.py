@@ -434,12 +434,8 @@ def read_weights(path):
             if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
                 root = names[0].split("/")[0]
                 return named_tensors(ScriptWeightsUnpickler(zf, root).load())
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a weights file this code can read safely ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]})") from None
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    sd = load_checkpoint(path)  # torch.load(weights_only=True), with its clear errors
+    return sd.get("state_dict", sd)
 
 
 def resize_positions(pos_1ND, grid):
@@ -828,7 +824,7 @@ def save_checkpoint(path, kind, config, model, step=0, **extra):
 
 
 def load_checkpoint(path, kind=None):
-    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer'), check it."""
+    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer', 'gpt'), check it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
