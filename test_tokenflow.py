@@ -222,7 +222,7 @@ def test_search_stays_fp32_under_autocast():
 
 
 def test_usage_perplexity_and_psnr_on_known_values():
-    usage, ppl = tf.codebook_usage(torch.arange(8).repeat(3), 16)  # 8 of 16 codes, uniformly
+    usage, ppl = tf.codebook_usage(torch.bincount(torch.arange(8).repeat(3), minlength=16))  # 8 of 16 codes, uniformly
     assert usage.item() == 0.5 and abs(ppl.item() - 8) < 1e-4
     x = torch.zeros(2, 3, 4, 4)
     assert torch.allclose(train.psnr(x + 0.2, x), torch.full((2,), 20.0))  # [0,1] error 0.1 -> 20 dB
@@ -817,11 +817,11 @@ def test_token_file_crash_mid_write_is_never_reused(toy_run, tmp_path, monkeypat
     tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     tokenizer.eval()
 
-    def crash(path, array):
+    def crash(x):
         raise KeyboardInterrupt("killed while writing the token file")
 
     with monkeypatch.context() as m:  # another image count: a rewrite that dies after it started
-        m.setattr(train, "save_npy", crash)
+        m.setattr(tokenizer, "encode", crash)
         with pytest.raises(KeyboardInterrupt):
             train.token_file(train.get_args(["--out-dir", out, "--token-images", "32"]), tokenizer, "train")
     assert not os.path.exists(os.path.join(out, "tokens", "train_meta.json"))

@@ -524,9 +524,9 @@ class DualCodebook(nn.Module):
         return z + (q - z).detach(), idx, stats  # straight-through: forward q, backward identity
 
 
-def codebook_usage(idx, K):
-    """Any ids -> (fraction of the K codes hit at least once, perplexity of the code histogram)."""
-    p = torch.bincount(idx.flatten(), minlength=K).float() / idx.numel()
+def codebook_usage(counts):
+    """A code histogram (K,) -> (fraction of the K codes hit at least once, its perplexity)."""
+    p = counts.float() / counts.sum()
     return (p > 0).float().mean(), torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
@@ -592,7 +592,8 @@ class TokenFlow(nn.Module):
             idx_Bl.append(idx_N.view(B, s * s))
             stats.append(st)
         stats = {k: torch.stack([st[k] for st in stats]).mean() for k in stats[0]}  # mean over scales
-        stats["usage"], stats["perplexity"] = codebook_usage(torch.cat(idx_Bl, 1), self.cfg.codebook_size)
+        stats["usage"], stats["perplexity"] = codebook_usage(
+            torch.bincount(torch.cat(idx_Bl, 1).flatten(), minlength=self.cfg.codebook_size))
         return f_hat, idx_Bl, stats
 
     # -- ids -> quantized features -> image / teacher features (decoding)
@@ -839,8 +840,9 @@ def load_checkpoint(path, kind=None):
 
 
 def load_model(path, kind, tokenizer=None):
-    """Rebuild a 'teacher', 'tokenizer' or 'gpt' from its checkpoint alone -> (model, checkpoint dict).
-    A GPT also needs the tokenizer it was trained on, whose codebook size and scales must match."""
+    """Rebuild a 'teacher', 'tokenizer' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
+    with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
+    whose codebook size and scales must match."""
     ckpt = load_checkpoint(path, kind)
     if kind == "gpt":
         theirs = config_from_dict(TokenizerConfig, ckpt["tokenizer_config"])
@@ -853,7 +855,7 @@ def load_model(path, kind, tokenizer=None):
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])
         model = Teacher(cfg, ckpt["num_classes"]) if kind == "teacher" else TokenFlow(cfg)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.get("ema", ckpt["model"]))
     return model, ckpt
 
 

@@ -18,14 +18,16 @@ import os
 import sys
 import time
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tokenflow as tf
@@ -33,15 +35,19 @@ import tokenflow as tf
 # ---------------------------------------------------------------------------------------------
 # Per-stage defaults, used where the command line leaves a value unset
 
-DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning rate
-    ("toy", "teacher"): dict(iters=1000, batch_size=64, lr=1e-3),
-    ("toy", "tokenizer"): dict(iters=540, batch_size=16, lr=1e-3),
+DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning rate, EMA decay (0: none)
+    ("toy", "teacher"): dict(iters=1000, batch_size=64, lr=1e-3, ema=0),
+    ("toy", "tokenizer"): dict(iters=540, batch_size=16, lr=1e-3, ema=0),
+    ("toy", "decoder"): dict(iters=300, batch_size=16, lr=1e-3, ema=0),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher PATH
-    ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4),
-    ("toy", "gpt"): dict(iters=500, batch_size=64, lr=3e-3),
+    ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4, ema=0.9999),
+    # the enhanced-decoder finetune: the paper gives no schedule; half the tokenizer's is our choice
+    ("tokenflow-b", "decoder"): dict(iters=50_000, batch_size=256, lr=1e-4, ema=0.9999),
+    ("toy", "gpt"): dict(iters=500, batch_size=64, lr=3e-3, ema=0),
     # VAR-d16's recipe: 200 epochs of ImageNet at batch 768, lr 1e-4 * 768 / 256
-    ("tokenflow-b", "gpt"): dict(iters=330_000, batch_size=768, lr=3e-4),
+    ("tokenflow-b", "gpt"): dict(iters=330_000, batch_size=768, lr=3e-4, ema=0.9999),
 }
+ENHANCED_DECODER = dict(pix_dec_ch=256, pix_dec_res_blocks=4)  # the official enhanced decoder: 237.1M parameters
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
 EVAL_IMAGES = 1024  # held-out images per evaluation
 DEFAULT_CFG = inspect.signature(tf.GPT.generate).parameters["cfg"].default  # recorded with class_acc
@@ -70,6 +76,10 @@ def get_args(argv=None):
                    "(default: per preset and stage, see DEFAULTS in train.py)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: per preset and stage)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset and stage)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step: each rank runs batch-size / (world size * grad-accum) at a time")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights that evaluation and "
+                   "sampling use, 0 for none (default: per preset and stage: 0 toy, 0.9999 tokenflow-b)")
     # tokenizer losses beyond L2 + semantic + VQ (TokenFlow-B: LPIPS 1.0, PatchGAN 0.5 from step 20,000)
     p.add_argument("--lpips-weights", default=None, metavar="DIR",
                    help="LPIPS on: DIR/vgg16-397923af.pth and DIR/vgg.pth, downloaded into DIR once if missing")
@@ -77,6 +87,11 @@ def get_args(argv=None):
     p.add_argument("--disc-weight", type=float, default=0.5, help="weight of the generator's hinge loss")
     p.add_argument("--adaptive-disc-weight", action="store_true",
                    help="also scale it by VQGAN's ratio of reconstruction to GAN gradient norms")
+    p.add_argument("--enhanced-decoder", action="store_true",
+                   help="the official enhanced pixel decoder (channels 256, 4 res blocks per level)")
+    p.add_argument("--finetune-decoder", action="store_true",
+                   help="with --stage tokenizer: train only the pixel decoder of OUT_DIR/tokenizer.pt (encoders, "
+                        "codebooks and semantic decoder frozen) into OUT_DIR/decoder.pt; ids and GPT stay valid")
     p.add_argument("--overfit-batch", action="store_true",
                    help="train on one fixed batch: the loss should go towards zero (a debugging aid)")
     # output and bookkeeping
@@ -93,7 +108,7 @@ def get_args(argv=None):
     for name in ("iters", "num_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "eval_interval", "lr", "token_images"):
+    for name in ("batch_size", "eval_interval", "lr", "token_images", "grad_accum"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.preset not in tf.PRESETS:
@@ -112,6 +127,16 @@ def get_args(argv=None):
         fix = "run python data/cifar10/prepare.py" if args.dataset == "cifar10" else "see data/imagenet/README.md"
         p.error(f"--dataset {args.dataset} needs --data-path DIR with DIR/train/<class>/<image>; "
                 f"got {args.data_path!r} ({fix})")
+    if args.ema is not None and not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.finetune_decoder and args.stage != "tokenizer":
+        p.error("--finetune-decoder is a tokenizer-stage run: add --stage tokenizer")
+    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    for stage in stages(args):
+        batch, ranks = stage_hparams(args, stage)["batch_size"], args.world_size * args.grad_accum
+        if batch % ranks:
+            p.error(f"--batch-size {batch} ({stage}) is global and must divide by world size {args.world_size} x "
+                    f"--grad-accum {args.grad_accum} = {ranks}; pick a multiple of {ranks}")
     if args.token_images is None and args.dataset == "shapes":
         args.token_images = 8192
     if args.device == "auto":
@@ -243,9 +268,10 @@ def scan_folder(root, cache_dir):
     if not files:
         raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
     os.makedirs(cache_dir, exist_ok=True)
-    with open(cache + ".tmp", "w") as f:
+    tmp = f"{cache}.{os.getpid()}.tmp"  # one per process: torchrun's ranks may scan at once
+    with open(tmp, "w") as f:
         json.dump({"key": key, "files": files}, f)
-    os.replace(cache + ".tmp", cache)
+    os.replace(tmp, cache)
     return classes, files
 
 
@@ -307,25 +333,95 @@ def make_dataset(args, cfg, split, size=None, augment=None):
     return spread(dataset, size if split == "train" else EVAL_IMAGES)
 
 
+# ---------------------------------------------------------------------------------------------
+# Distributed data parallel: torchrun starts one process per device and sets RANK, WORLD_SIZE and
+# LOCAL_RANK; without it this is one process of rank 0 in a world of 1 and every helper is a no-op.
+
+
+def setup_distributed(args):
+    """Join torchrun's process group, if there is one (get_args read rank and world size)."""
+    if args.world_size > 1:
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
+def is_main(args):
+    """Rank 0 alone logs, writes images and checkpoints."""
+    return args.rank == 0
+
+
+def all_sum(t):
+    """Sum a tensor over ranks, in place (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def main_first(args):
+    """Rank 0 runs the block (a download, say) before the other ranks do."""
+    if not is_main(args):
+        barrier()
+    yield
+    if is_main(args):
+        barrier()
+
+
+def wrap(args, model):
+    """The module step functions call: compiled with --compile, DDP-wrapped under torchrun (DDP
+    averages gradients over ranks in backward). The raw module stays the one saved and evaluated."""
+    net = torch.compile(model) if args.compile else model
+    if args.world_size > 1:
+        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None)
+    return net
+
+
+def rank_share(dataset, args):
+    """This rank's items of a held-out split (every world_size-th, no padding), so that sums
+    all-reduced over ranks are the sums over the whole split."""
+    if args.world_size == 1:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(args.rank, len(dataset), args.world_size))
+
+
 def eval_loader(dataset, batch_size):
     """A held-out split in order. Its own generator: evaluating must not draw from the global RNG
     that training uses (scale drop, class drop), or the eval interval would change the training run."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
 
 
-def batches(dataset, batch_size, args, seed):
-    """Endless iterator of (x (B, 3, S, S), y (B,)) on the device, reshuffled each epoch."""
-    g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, generator=g,
-                                         pin_memory=args.device.startswith("cuda"))
+def batches(dataset, micro_batch, args, start=0):
+    """Endless iterator of this rank's micro-batches (x (b, 3, S, S), y (b,)) on the device, from
+    micro-batch `start` on. Epoch e is a permutation seeded by (seed, e), dealt over ranks as
+    DistributedSampler does; a resumed run therefore sees the batches the uninterrupted run would."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // micro_batch
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training items are fewer than one batch ({micro_batch} per rank x "
+                         f"{args.world_size} ranks); lower --batch-size or add data")
+    epoch, skip = divmod(start, per_epoch)
     fixed = None
     while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip * micro_batch: per_epoch * micro_batch]
+        workers = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, args.rank, epoch])
+                                                    .generate_state(1)[0]))  # augmentation seeds of workers
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=order, generator=workers,
+                                             num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"))
         for x, y in loader:
             if args.overfit_batch:
                 fixed = fixed if fixed is not None else (x, y)
                 x, y = fixed
             yield x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        epoch, skip = epoch + 1, 0
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -357,44 +453,51 @@ def tokenizer_id(tokenizer):
     return h.hexdigest()
 
 
-def save_npy(path, array):
-    """np.save through a temporary file and a rename, so a crash never leaves half a file."""
-    with open(f"{path}.tmp", "wb") as f:
-        np.save(f, array)
-    os.replace(f"{path}.tmp", path)
-
-
 @torch.no_grad()
 def token_file(args, tokenizer, split):
     """Tokenize a split once -> TokenDataset; reused while the tokenizer's encoders and codebook and
     the data are the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json,
-    written last and removed first, so a crash mid-write never leaves a meta beside other ids)."""
+    written last and removed first, so a crash mid-write never leaves a meta beside other ids).
+    Under torchrun every rank encodes its share of the images into the same memory-mapped file."""
     dataset = make_dataset(args, tokenizer.cfg, split, args.token_images if split == "train" else None, augment=False)
     root = os.path.join(args.out_dir, "tokens")
     paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
     meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
-            "seed": args.seed,
-            "images": len(dataset), "seq_len": tokenizer.cfg.seq_len, "dtype": args.dtype}
+            "seed": args.seed, "images": len(dataset), "seq_len": tokenizer.cfg.seq_len, "dtype": args.dtype}
     if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
         return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
-    os.makedirs(root, exist_ok=True)
-    if os.path.exists(paths["meta.json"]):
-        os.remove(paths["meta.json"])
-    K = tokenizer.cfg.codebook_size
-    ids = np.empty((len(dataset), tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32)
-    labels, start = np.empty(len(dataset), np.int64), 0
+    barrier()  # every rank has read the old meta before rank 0 removes it
+    K, N = tokenizer.cfg.codebook_size, len(dataset)
+    shapes = {"ids.npy": ((N, tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32),
+              "labels.npy": ((N,), np.int64)}
+    if is_main(args):
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(paths["meta.json"]):
+            os.remove(paths["meta.json"])
+        for k, (shape, dtype) in shapes.items():  # the files, sized; rows are filled in below
+            np.lib.format.open_memmap(paths[k] + ".tmp", "w+", dtype, shape)
+    barrier()
+    ids, labels = (np.lib.format.open_memmap(paths[k] + ".tmp", "r+") for k in shapes)
+    mine, start = range(args.rank, N, args.world_size), 0  # this rank's rows, as rank_share deals them
     tokenizer.eval()
-    for x, y in tqdm(eval_loader(dataset, 256), desc=f"tokenize {split}", dynamic_ncols=True):
+    for x, y in tqdm(eval_loader(rank_share(dataset, args), 256), desc=f"tokenize {split}", dynamic_ncols=True,
+                     disable=not is_main(args)):
+        rows = mine[start:start + len(x)]
         with autocast_ctx(args):
-            ids[start:start + len(x)] = tokenizer.encode(x.to(args.device)).cpu().numpy()
-        labels[start:start + len(x)] = y.numpy()
+            ids[rows.start:rows.stop:rows.step] = tokenizer.encode(x.to(args.device)).cpu().numpy()
+        labels[rows.start:rows.stop:rows.step] = y.numpy()
         start += len(x)
-    save_npy(paths["ids.npy"], ids)
-    save_npy(paths["labels.npy"], labels)
-    with open(paths["meta.json"] + ".tmp", "w") as f:
-        json.dump(meta, f)
-    os.replace(paths["meta.json"] + ".tmp", paths["meta.json"])
-    return TokenDataset(ids, labels)
+    ids.flush()
+    labels.flush()
+    barrier()
+    if is_main(args):
+        for k in shapes:
+            os.replace(paths[k] + ".tmp", paths[k])
+        with open(paths["meta.json"] + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(paths["meta.json"] + ".tmp", paths["meta.json"])
+    barrier()
+    return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,8 +605,16 @@ def config_diff(a, b, keys=None):
     return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
 
 
+def stages(args):
+    """The stages this run trains, in order."""
+    if args.finetune_decoder:
+        return ["decoder"]
+    return [s for s in ("teacher", "tokenizer", "gpt") if args.stage in ("all", s)
+            and not (s == "teacher" and args.teacher != "toy")]
+
+
 def stage_hparams(args, stage):
-    """iters, batch_size, lr of a stage: the command line's where given, else DEFAULTS."""
+    """iters, batch_size, lr, ema of a stage: the command line's where given, else DEFAULTS."""
     return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS[(args.preset, stage)].items()}
 
 
@@ -523,7 +634,15 @@ def autocast_ctx(args):
     return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype)
 
 
+def log(args, text):
+    if is_main(args):
+        tqdm.write(text)
+
+
 def log_metrics(args, row):
+    """One row of metrics.jsonl and of the console, from rank 0."""
+    if not is_main(args):
+        return
     with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -548,52 +667,107 @@ def make_optimizer(params, lr, args, weight_decay):
                              fused=args.device.startswith("cuda"))
 
 
-def train_loop(args, stage, model, params, dataset, step_fn, eval_fn, save_fn, weight_decay=0.0):
-    """The one loop every stage shares: lr -> every N steps eval + checkpoint -> step -> log.
-    dataset yields (x, y); step_fn(x, y, step) -> (loss, dict of floats); eval_fn() -> dict;
-    save_fn(step, optimizer)."""
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging, as VAR and LlamaGen keep
+    one): w_ema <- d w_ema + (1 - d) w after every step, with d warmed up as min(decay, (1+t)/(10+t))
+    so the average does not sit at the initialisation in short runs. Evaluation and checkpoints for
+    sampling use it; training continues on the raw weights."""
+
+    def __init__(self, model, decay):
+        self.decay, self.weights = decay, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.weights[k].lerp_(v, 1 - d)
+            else:
+                self.weights[k].copy_(v)  # integer buffers (counters) are copied
+
+    @contextmanager
+    def applied(self, model):
+        """Within the block the model holds the averaged weights."""
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        try:
+            yield
+        finally:
+            model.load_state_dict(raw)
+
+
+def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_fn, weight_decay=0.0):
+    """The one loop every stage shares: lr -> every N steps eval + checkpoint -> accumulate
+    gradients over micro-batches -> clip -> step -> EMA -> log. model is the raw module (saved,
+    evaluated), net what step_fn calls (compiled / DDP); step_fn(x, y, step) -> (loss, dict of
+    floats); eval_fn() -> dict; save_fn(step, state) saves the model with the loop's state."""
     hp = stage_hparams(args, stage)
     opt = make_optimizer(params, hp["lr"], args, weight_decay)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
+    ema = EMA(model, hp["ema"]) if hp["ema"] > 0 else None
     step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = tf.load_checkpoint(ckpt_path, stage)
+        ckpt = tf.load_checkpoint(ckpt_path, "tokenizer" if stage == "decoder" else stage)
         diff = config_diff(tf.config_from_dict(type(model.cfg), ckpt["config"]), model.cfg)
         if diff:
-            raise ValueError(f"cannot resume from {ckpt_path}: checkpoint vs preset {args.preset!r} differ in "
-                             f"{'; '.join(diff)}; use the preset it was trained with or another --out-dir")
+            raise ValueError(f"cannot resume from {ckpt_path}: checkpoint vs this run differ in "
+                             f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        if ema is not None:
+            ema.weights = ckpt.get("ema", ckpt["model"])
         step = ckpt["step"]
-        tqdm.write(f"{stage}: resumed from {ckpt_path} at step {step}")
+        log(args, f"{stage}: resumed from {ckpt_path} at step {step}")
     elif args.resume:
-        tqdm.write(f"{stage}: --resume given but there is no {ckpt_path}; starting from step 0")
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
-    data = batches(dataset, hp["batch_size"], args, args.seed + step)
-    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step)
+        log(args, f"{stage}: --resume given but there is no {ckpt_path}; starting from step 0")
+
+    def evaluate():
+        with ema.applied(model) if ema else nullcontext():
+            return eval_fn()
+
+    def save(step):
+        if is_main(args):
+            save_fn(step, {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                           **({"ema": ema.weights} if ema else {})})
+
+    accum = args.grad_accum
+    data = batches(dataset, hp["batch_size"] // (args.world_size * accum), args, start=step * accum)
+    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True,
+               disable=hp["iters"] == step or not is_main(args))
     t0 = time.time()
     for step in bar:
         lr = get_lr(step, hp["iters"], hp["lr"])
         for group in opt.param_groups:
             group["lr"] = lr
         if step > 0 and step % args.eval_interval == 0:
-            log_metrics(args, {"stage": stage, "step": step, "split": "val", **eval_fn()})
-            save_fn(step, opt)
-        x, y = next(data)
+            log_metrics(args, {"stage": stage, "step": step, "split": "val", **evaluate()})
+            save(step)
         model.train()
-        with autocast_ctx(args):
-            loss, stats = step_fn(x, y, step)
-        scaler.scale(loss).backward()
+        for i in range(accum):
+            x, y = next(data)
+            # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
+            sync = net.no_sync() if args.world_size > 1 and i < accum - 1 else nullcontext()
+            with sync:
+                with autocast_ctx(args):
+                    loss, stats = step_fn(x, y, step)
+                scaler.scale(loss / accum).backward()
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
-                        **{k: f"{v:.3g}" for k, v in stats.items()})
+        if ema:
+            ema.update(model, step)
+        shown = all_sum(torch.tensor([loss.item(), *stats.values()])) / args.world_size  # last micro-batch, all ranks
+        bar.set_postfix(loss=f"{shown[0]:.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
+                        **{k: f"{v:.3g}" for k, v in zip(stats, shown[1:].tolist())})
     step = hp["iters"]
-    row = {"stage": stage, "step": step, "split": "val", **eval_fn(), "train_s": round(time.time() - t0, 1)}
+    row = {"stage": stage, "step": step, "split": "val", **evaluate(), "train_s": round(time.time() - t0, 1)}
     log_metrics(args, row)
-    save_fn(step, opt)
+    save(step)
+    if ema:
+        model.load_state_dict(ema.weights)  # what later stages and sampling use, as load_model does
     return row
 
 
@@ -604,28 +778,30 @@ def train_loop(args, stage, model, params, dataset, step_fn, eval_fn, save_fn, w
 @torch.no_grad()
 def evaluate_teacher(args, teacher):
     teacher.eval()
-    correct, val = 0, make_dataset(args, teacher.cfg, "val")
-    for x, y in eval_loader(val, 256):
+    correct = seen = 0
+    for x, y in eval_loader(rank_share(make_dataset(args, teacher.cfg, "val"), args), 256):
         with autocast_ctx(args):
             correct += (teacher(x.to(args.device)).argmax(1).cpu() == y).sum().item()
-    return {"acc": correct / len(val)}
+        seen += len(y)
+    correct, seen = all_sum(torch.tensor([correct, seen], dtype=torch.float64, device=args.device)).tolist()
+    return {"acc": correct / seen}
 
 
 def train_teacher(args, cfg):
     torch.manual_seed(args.seed)
     data = make_dataset(args, cfg, "train")
     teacher = tf.Teacher(cfg, data.num_classes).to(args.device)
-    model = torch.compile(teacher) if args.compile else teacher
+    net = wrap(args, teacher)
 
     def step_fn(x, y, _):
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(net(x), y)
         return loss, {}
 
-    def save_fn(step, opt):
+    def save_fn(step, state):
         tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
-                           num_classes=teacher.num_classes, optimizer=opt.state_dict(), args=vars(args))
+                           num_classes=teacher.num_classes, args=vars(args), **state)
 
-    return train_loop(args, "teacher", teacher, list(teacher.parameters()), data, step_fn,
+    return train_loop(args, "teacher", teacher, net, list(teacher.parameters()), data, step_fn,
                       lambda: evaluate_teacher(args, teacher), save_fn, weight_decay=0.05)
 
 
@@ -664,7 +840,9 @@ def clip_teacher(path, cfg):
 def load_teacher(args, cfg):
     """The frozen teacher (the toy one, our own checkpoint, or CLIP), checked against the preset."""
     path = {"toy": os.path.join(args.out_dir, "teacher.pt"), "clip-vit-b16": None}.get(args.teacher, args.teacher)
-    path = path or fetch_clip()
+    if path is None:
+        with main_first(args):  # one download, not one per rank
+            path = fetch_clip()
     if args.teacher != "toy" and "visual.conv1.weight" in tf.read_weights(path):
         return clip_teacher(path, cfg).to(args.device).eval().requires_grad_(False)
     teacher, _ = tf.load_model(path, "teacher")
@@ -680,26 +858,83 @@ def load_teacher(args, cfg):
 def evaluate_tokenizer(args, tokenizer, teacher):
     """Held-out PSNR, codebook usage and perplexity over all tokens, semantic cosine and, with a toy
     teacher, how often it classifies the reconstructions right (recon_acc: the most that generated
-    images can score). The tokens go through the real path (encode -> ids -> decode)."""
+    images can score). The tokens go through the real path (encode -> ids -> decode). Under
+    torchrun each rank takes a share of the images and the sums are all-reduced."""
     tokenizer.eval()
-    psnrs, cos, ids, hits = [], [], [], []
-    for x, y in eval_loader(make_dataset(args, tokenizer.cfg, "val"), 128):
-        x = x.to(args.device)
+    n = psnr_sum = cos_sum = hits = 0.0
+    counts = torch.zeros(tokenizer.cfg.codebook_size, device=args.device)  # code histogram
+    for x, y in eval_loader(rank_share(make_dataset(args, tokenizer.cfg, "val"), args), 128):
+        x, y = x.to(args.device), y.to(args.device)
         with autocast_ctx(args):
             idx = tokenizer.encode(x)
             f_hat = tokenizer.indices_to_features(idx)
             x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
-            cos.append(F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(),
-                                           teacher.features(x).float(), dim=-1).mean(1))
+            cos = F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(), teacher.features(x).float(), dim=-1)
             if teacher.head is not None:
-                hits.append((teacher(x_rec).argmax(1).cpu() == y).float())
-        psnrs.append(psnr(x_rec, x))
-        ids.append(idx)
-        if len(psnrs) == 1:
+                hits += (teacher(x_rec).argmax(1) == y).sum().item()
+        if n == 0 and is_main(args):
             save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, "reconstructions.png"))
-    usage, perplexity = tf.codebook_usage(torch.cat(ids), tokenizer.cfg.codebook_size)
-    return {"psnr": torch.cat(psnrs).mean().item(), "usage": usage.item(), "perplexity": perplexity.item(),
-            "sem_cos": torch.cat(cos).mean().item(), **({"recon_acc": torch.cat(hits).mean().item()} if hits else {})}
+        n, psnr_sum, cos_sum = n + len(x), psnr_sum + psnr(x_rec, x).sum().item(), cos_sum + cos.mean(1).sum().item()
+        counts += torch.bincount(idx.flatten(), minlength=len(counts))
+    n, psnr_sum, cos_sum, hits = all_sum(torch.tensor([n, psnr_sum, cos_sum, hits], dtype=torch.float64, device=args.device)).tolist()
+    usage, perplexity = tf.codebook_usage(all_sum(counts))
+    return {"psnr": psnr_sum / n, "usage": usage.item(), "perplexity": perplexity.item(), "sem_cos": cos_sum / n,
+            **({"recon_acc": hits / n} if teacher.head is not None else {})}
+
+
+class DiscriminatorLoss(nn.Module):
+    """The discriminator's hinge loss on a real and a fake batch as one forward, so that DDP sees
+    one forward per backward."""
+
+    def __init__(self, disc):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real, fake):
+        return hinge_d_loss(self.disc(real), self.disc(fake))
+
+
+def pixel_losses(args, hp, path):
+    """The image losses beyond L2: LPIPS (with --lpips-weights) and, for a run that reaches
+    --disc-start, the PatchGAN -> (lpips or None, gan or None); gan holds the discriminator, its
+    DDP-wrapped loss and its optimiser, resumed from path with the stage."""
+    with main_first(args):  # one download, not one per rank
+        lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
+    log(args, f"{os.path.basename(path)[:-3]}: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
+              f"PatchGAN from step {args.disc_start}")
+    if args.disc_start >= hp["iters"]:  # only a run that reaches the GAN builds (and saves) the discriminator
+        return lpips, None
+    with torch.random.fork_rng(devices=[]):  # its init leaves the training RNG (scale drop) as it was
+        disc = PatchDiscriminator().to(args.device)
+    gan = {"disc": disc, "net": wrap(args, DiscriminatorLoss(disc)),
+           "opt": torch.optim.AdamW(disc.parameters(), lr=hp["lr"], betas=(0.5, 0.9))}  # VQGAN's D betas
+    if args.resume and os.path.exists(path) and "disc" in (ckpt := tf.load_checkpoint(path, "tokenizer")):
+        disc.load_state_dict(ckpt["disc"])
+        gan["opt"].load_state_dict(ckpt["disc_optimizer"])
+    return lpips, gan
+
+
+def reconstruction_loss(args, x_rec, x, step, lpips, gan, last_layer):
+    """L2 + LPIPS (weight 1) and, from --disc-start on, one discriminator step and the generator's
+    hinge term (weight --disc-weight) -> (loss, dict of floats). With --grad-accum the
+    discriminator steps on every micro-batch."""
+    rec = F.mse_loss(x_rec, x) + (lpips(x_rec, x).mean() if lpips else 0)
+    log = {"rec": rec.item()}
+    if step < args.disc_start:
+        return rec, log
+    gan["opt"].zero_grad(set_to_none=True)
+    d_loss = gan["net"](x, x_rec.detach())
+    d_loss.backward()
+    gan["opt"].step()
+    gan["disc"].requires_grad_(False)  # the generator's term trains the decoder, not the discriminator
+    g_loss = -gan["disc"](x_rec).mean()
+    gan["disc"].requires_grad_(True)
+    w = adaptive_weight(rec, g_loss, last_layer) if args.adaptive_disc_weight else 1
+    return rec + args.disc_weight * w * g_loss, {**log, "d": d_loss.item(), "g": g_loss.item()}
+
+
+def gan_state(gan):
+    return {"disc": gan["disc"].state_dict(), "disc_optimizer": gan["opt"].state_dict()} if gan else {}
 
 
 def train_tokenizer(args, cfg):
@@ -707,44 +942,59 @@ def train_tokenizer(args, cfg):
     torch.manual_seed(args.seed)
     tokenizer = tf.TokenFlow(cfg).to(args.device)
     tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
-    model = torch.compile(tokenizer) if args.compile else tokenizer
-    lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
-    tqdm.write(f"tokenizer: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
-               f"PatchGAN from step {args.disc_start}")
-    hp = stage_hparams(args, "tokenizer")
-    disc, path = None, os.path.join(args.out_dir, "tokenizer.pt")
-    if args.disc_start < hp["iters"]:  # only a run that reaches the GAN builds (and saves) the discriminator
-        with torch.random.fork_rng():  # its init leaves the training RNG (scale drop) as it was
-            disc = PatchDiscriminator().to(args.device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=hp["lr"], betas=(0.5, 0.9))  # VQGAN's D betas
-        if args.resume and os.path.exists(path) and "disc" in (ckpt := tf.load_checkpoint(path, "tokenizer")):
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
+    net, path = wrap(args, tokenizer), os.path.join(args.out_dir, "tokenizer.pt")
+    lpips, gan = pixel_losses(args, stage_hparams(args, "tokenizer"), path)
 
     def step_fn(x, y, step):
         with torch.no_grad():
             target = teacher.features(x)  # (B, n*n, T)
-        x_rec, sem, stats = model(x)
-        rec = F.mse_loss(x_rec, x) + (lpips(x_rec, x).mean() if lpips else 0)  # L2 + LPIPS (weight 1)
+        x_rec, sem, stats = net(x)
+        rec, log = reconstruction_loss(args, x_rec, x, step, lpips, gan, tokenizer.pix_dec.conv_out.weight)
         sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()  # TokenFlow's semantic loss
-        loss, log = rec + sem_loss + stats["vq"], {"rec": rec.item(), "sem": sem_loss.item()}
-        if step >= args.disc_start:  # 1. discriminator step (hinge), 2. generator's adversarial term
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss = hinge_d_loss(disc(x), disc(x_rec.detach()))
-            d_loss.backward()
-            disc_opt.step()
-            g_loss = -disc(x_rec).mean()
-            w = adaptive_weight(rec, g_loss, tokenizer.pix_dec.conv_out.weight) if args.adaptive_disc_weight else 1
-            loss = loss + args.disc_weight * w * g_loss
-            log.update(d=d_loss.item(), g=g_loss.item())
-        return loss, {**log, "usage": stats["usage"].item()}
+        return rec + sem_loss + stats["vq"], {**log, "sem": sem_loss.item(), "usage": stats["usage"].item()}
 
-    def save_fn(step, opt):
-        gan = {"disc": disc.state_dict(), "disc_optimizer": disc_opt.state_dict()} if disc else {}
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, optimizer=opt.state_dict(), args=vars(args), **gan)
+    def save_fn(step, state):
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state, **gan_state(gan))
 
-    return train_loop(args, "tokenizer", tokenizer, list(tokenizer.parameters()), make_dataset(args, cfg, "train"),
+    return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()), make_dataset(args, cfg, "train"),
                       step_fn, lambda: evaluate_tokenizer(args, tokenizer, teacher), save_fn)
+
+
+def finetune_decoder(args, cfg):
+    """The enhanced-decoder stage: the encoders, codebooks and semantic decoder of OUT_DIR/tokenizer.pt
+    frozen, a pixel decoder of cfg's size (the trained one when the sizes agree, else a new one)
+    trained on the reconstruction losses of the inference-time features (all scales) -> OUT_DIR/decoder.pt,
+    a whole tokenizer with the same ids, so token files and GPT stay valid."""
+    trained, _ = tf.load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    diff = config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
+    if diff:
+        raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
+                         "finetune the decoder of a tokenizer of this preset")
+    teacher = load_teacher(args, cfg)
+    torch.manual_seed(args.seed)
+    tokenizer = tf.TokenFlow(cfg)
+    same = trained.cfg == cfg
+    tokenizer.load_state_dict({k: v for k, v in trained.state_dict().items() if same or not k.startswith("pix_dec.")},
+                              strict=same)
+    tokenizer = tokenizer.to(args.device).requires_grad_(False)
+    tokenizer.pix_dec.requires_grad_(True)
+    net, path = wrap(args, tokenizer.pix_dec), os.path.join(args.out_dir, "decoder.pt")
+    lpips, gan = pixel_losses(args, stage_hparams(args, "decoder"), path)
+    log(args, f"decoder: {'finetuning the trained' if same else 'training a new'} pixel decoder "
+              f"({sum(p.numel() for p in tokenizer.pix_dec.parameters()):,} parameters), the rest frozen")
+
+    def step_fn(x, y, step):
+        with torch.no_grad():
+            f_hat, _, _ = tokenizer.quantize(tokenizer.features(x), cfg.scales)
+        return reconstruction_loss(args, net(f_hat[:, cfg.sem_dim:]), x, step, lpips, gan,
+                                   tokenizer.pix_dec.conv_out.weight)
+
+    def save_fn(step, state):
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state, **gan_state(gan))
+
+    return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()),
+                      make_dataset(args, cfg, "train"), step_fn, lambda: evaluate_tokenizer(args, tokenizer, teacher),
+                      save_fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,18 +1016,20 @@ def evaluate_gpt(args, gpt, tokenizer, val):
     """Held-out next-token loss and token accuracy (overall and per scale); writes gpt_samples.png."""
     gpt.eval()
     S = len(gpt.scales)
-    loss, hits, counts = 0.0, torch.zeros(S), torch.zeros(S)
-    for idx, y in eval_loader(val, 256):
+    loss, hits, counts = torch.zeros(1, dtype=torch.float64), torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)  # sums
+    for idx, y in eval_loader(rank_share(val, args), 256):
         idx, y = idx.to(args.device), y.to(args.device)
         with autocast_ctx(args):
             logits = gpt(idx, y)
         loss += F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten(), reduction="sum").item()
-        correct = (logits.argmax(-1) == idx).float().sum(0).cpu()  # (L,)
+        correct = (logits.argmax(-1) == idx).double().sum(0).cpu()  # (L,)
         hits.index_add_(0, gpt.level.cpu(), correct)
         counts.index_add_(0, gpt.level.cpu(), torch.full_like(correct, len(idx)))
-    rows, _ = sample_grid(args, gpt, tokenizer)
-    save_grid(rows, os.path.join(args.out_dir, "gpt_samples.png"))
-    return {"loss": loss / counts.sum().item(), "acc": (hits.sum() / counts.sum()).item(),
+    loss, hits, counts = all_sum(torch.cat([loss, hits, counts]).to(args.device)).cpu().split([1, S, S])
+    if is_main(args):
+        rows, _ = sample_grid(args, gpt, tokenizer)
+        save_grid(rows, os.path.join(args.out_dir, "gpt_samples.png"))
+    return {"loss": (loss / counts.sum()).item(), "acc": (hits.sum() / counts.sum()).item(),
             "acc_per_scale": [round(a, 4) for a in (hits / counts).tolist()]}
 
 
@@ -815,20 +1067,20 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     gpt_cfg = replace(gpt_cfg, num_classes=make_dataset(args, tok_cfg, "val").num_classes)
     torch.manual_seed(args.seed)
     gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
-    model = torch.compile(gpt) if args.compile else gpt
+    net = wrap(args, gpt)
 
     def step_fn(idx, y, _):
-        logits = model(idx, y)  # (B, L, K)
+        logits = net(idx, y)  # (B, L, K)
         return F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten()), {}
 
-    def save_fn(step, opt):
+    def save_fn(step, state):
         tf.save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
-                           tokenizer_id=tid, optimizer=opt.state_dict(), args=vars(args))
+                           tokenizer_id=tid, args=vars(args), **state)
 
-    row = train_loop(args, "gpt", gpt, list(gpt.parameters()), train_set, step_fn,
+    row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set, step_fn,
                      lambda: evaluate_gpt(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
     teacher = load_teacher(args, tok_cfg)
-    if teacher.head is not None:  # the toy teacher can classify what the GPT generates
+    if teacher.head is not None and is_main(args):  # the toy teacher can classify what the GPT generates
         (acc, sem_acc), (acc0, sem_acc0) = (class_accuracy(args, gpt, tokenizer, teacher, c) for c in (DEFAULT_CFG, 0))
         row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG, "class_acc": acc,
                "class_acc_cfg0": acc0, "sem_class_acc": sem_acc, "sem_class_acc_cfg0": sem_acc0}
@@ -841,16 +1093,18 @@ def train_gpt(args, tok_cfg, gpt_cfg):
 
 def main(argv=None):
     args = get_args(argv)
+    setup_distributed(args)
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
-    results = {}
-    if args.stage in ("all", "teacher") and args.teacher == "toy":
-        results["teacher"] = train_teacher(args, cfg)
-    if args.stage in ("all", "tokenizer"):
-        results["tokenizer"] = train_tokenizer(args, cfg)
-    if args.stage in ("all", "gpt"):
-        results["gpt"] = train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])
-    return results
+    cfg = replace(cfg, **ENHANCED_DECODER) if args.enhanced_decoder else cfg
+    run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
+           "decoder": lambda: finetune_decoder(args, cfg),
+           "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
+    try:
+        return {stage: run[stage]() for stage in stages(args)}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
