@@ -516,6 +516,8 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     assert count(model.pix_enc) - count(model.pix_enc.to_code) == 29_298_176
     assert count(model.pix_dec) - count(model.pix_dec.from_code) == 42_449_795
     assert abs(count(model.sem_dec) + count(model.sem_dec_head) - 22e6) < 0.05 * 22e6
+    enhanced = tf.PixelDecoder(replace(cfg, **train.ENHANCED_DECODER))
+    assert abs(count(enhanced) - count(enhanced.from_code) - 237_117_187) < 0.01 * 237_117_187
 
 
 @pytest.mark.parametrize("change,message", [
@@ -735,12 +737,11 @@ def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(toy_run[0], out)
     argv = ["--stage", "tokenizer", "--out-dir", out, "--disc-start", "1", "--adaptive-disc-weight"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "EVAL_IMAGES", 64)
-        train.main(argv + ["--iters", "3"])
-        ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
-        assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 2  # steps 1 and 2 of 0, 1, 2
-        train.main(argv + ["--iters", "4", "--resume"])
+    argv += ["--eval-images", "64"]
+    train.main(argv + ["--iters", "3"])
+    ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 2  # steps 1 and 2 of 0, 1, 2
+    train.main(argv + ["--iters", "4", "--resume"])
     ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 3  # resumed, not restarted
 
@@ -754,6 +755,10 @@ def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     (["--stage", "everything"], "invalid choice"),
     (["--preset", "tokenflow-b"], "has no toy teacher"),
     (["--stage", "teacher", "--teacher", __file__], "--stage teacher trains the toy teacher"),
+    (["--batch-size", "10", "--grad-accum", "4"], "must divide by world size 1 x --grad-accum 4 = 4"),
+    (["--grad-accum", "0"], "--grad-accum must be > 0"),
+    (["--ema", "1"], "--ema must be in [0, 1)"),
+    (["--finetune-decoder"], "add --stage tokenizer"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -765,9 +770,8 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
 def toy_run(tmp_path_factory):
     """Two steps of each stage through the real script (64 tokenized images for the GPT)."""
     out = str(tmp_path_factory.mktemp("toy") / "out")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "EVAL_IMAGES", 128)  # a smaller held-out split keeps the test fast
-        results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64"])
+    results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64",
+                          "--eval-images", "128"])  # a smaller held-out split keeps the test fast
     return out, results
 
 
@@ -893,3 +897,134 @@ def test_mismatched_teacher_stops_with_both_values(tmp_path):
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 2
     assert "vit_depth = 1 vs 4" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed training, gradient accumulation, EMA, exact resume, the decoder finetune
+
+
+def weights(path, kind):
+    return tf.load_checkpoint(path, kind)["model"]
+
+
+def assert_same_weights(a, b, atol=0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+
+
+@torch.no_grad()
+def assert_same_function(path_a, path_b, kind, atol=1e-4):
+    """Two trained models compute the same outputs. (Not the same weights: a bias just before a norm
+    gets a zero gradient plus rounding noise, which Adam scales up to a full step of random sign.)"""
+    a, b = (tf.load_model(p, kind)[0].eval() for p in (path_a, path_b))
+    x = images(4, size=a.cfg.image_size)
+    if kind == "teacher":
+        assert torch.allclose(a(x), b(x), atol=atol)
+        return
+    ids = torch.randint(0, a.cfg.codebook_size, (4, a.cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a.features(x), b.features(x), atol=atol)
+    assert torch.allclose(a.decode(ids), b.decode(ids), atol=atol)
+    assert torch.allclose(a.semantic_features(ids), b.semantic_features(ids), atol=atol)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    """2 micro-batches of 4 give the step one batch of 8 gives (the teacher stage has no randomness)."""
+    for accum in ("1", "2"):
+        train.main(["--stage", "teacher", "--iters", "2", "--batch-size", "8", "--grad-accum", accum,
+                    "--eval-images", "16", "--out-dir", str(tmp_path / accum)])
+    assert_same_function(tmp_path / "1" / "teacher.pt", tmp_path / "2" / "teacher.pt", "teacher")
+
+
+def test_resume_mid_run_continues_with_the_same_batches(tmp_path, monkeypatch):
+    """Killed after the step-2 checkpoint of a 4-step run, then resumed: the same weights as a run
+    that was never stopped (same data order, optimiser state and learning rate schedule)."""
+    argv = ["--stage", "teacher", "--iters", "4", "--batch-size", "8", "--eval-interval", "2", "--eval-images", "16"]
+    train.main(argv + ["--out-dir", str(tmp_path / "straight")])
+    get_lr = train.get_lr
+
+    def killed_at_step_3(step, *a):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return get_lr(step, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "get_lr", killed_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv + ["--out-dir", str(tmp_path / "resumed")])
+    assert tf.load_checkpoint(tmp_path / "resumed" / "teacher.pt", "teacher")["step"] == 2
+    train.main(argv + ["--out-dir", str(tmp_path / "resumed"), "--resume"])
+    assert_same_weights(weights(tmp_path / "straight" / "teacher.pt", "teacher"),
+                        weights(tmp_path / "resumed" / "teacher.pt", "teacher"))
+
+
+def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    ema = train.EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=100)  # min(0.5, 101/110) = 0.5
+    assert torch.allclose(ema.weights["weight"], start + 0.5)
+    with ema.applied(model):
+        assert torch.allclose(model.weight, start + 0.5)
+    assert torch.allclose(model.weight, start + 1.0)  # raw weights back after the block
+    ema.update(model, step=0)  # warm-up: decay min(0.5, 1/10) = 0.1
+    assert torch.allclose(ema.weights["weight"], 0.1 * (start + 0.5) + 0.9 * (start + 1.0))
+    # a run with EMA: evaluation, the checkpoint and load_model use the averaged weights
+    out = str(tmp_path)
+    row = train.main(["--stage", "teacher", "--iters", "3", "--ema", "0.9", "--eval-images", "64", "--out-dir", out])
+    ckpt = tf.load_checkpoint(os.path.join(out, "teacher.pt"), "teacher")
+    assert not torch.equal(ckpt["ema"]["head.weight"], ckpt["model"]["head.weight"])
+    teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
+    assert torch.equal(teacher.head.weight, ckpt["ema"]["head.weight"])
+    args = train.get_args(["--eval-images", "64", "--out-dir", out])
+    assert train.evaluate_teacher(args, teacher)["acc"] == row["teacher"]["acc"]
+
+
+@pytest.mark.parametrize("decoder", ["same", "other"])
+def test_finetune_decoder_trains_only_the_pixel_decoder(toy_run, tmp_path, monkeypatch, decoder):
+    out = str(tmp_path / "out")
+    shutil.copytree(toy_run[0], out)
+    argv = ["--stage", "tokenizer", "--finetune-decoder", "--iters", "2", "--eval-images", "32", "--out-dir", out]
+    if decoder == "other":  # a decoder of other sizes starts new (the enhanced one, smaller for the test)
+        monkeypatch.setattr(train, "ENHANCED_DECODER", dict(pix_dec_ch=64, pix_dec_res_blocks=1))
+        argv.append("--enhanced-decoder")
+    train.main(argv)
+    before, after = weights(os.path.join(out, "tokenizer.pt"), "tokenizer"), weights(os.path.join(out, "decoder.pt"), "tokenizer")
+    frozen = [k for k in before if not k.startswith("pix_dec.")]
+    assert_same_weights({k: before[k] for k in frozen}, {k: after[k] for k in frozen}, atol=0)
+    assert any(after[k].shape != before[k].shape or not torch.equal(after[k], before[k])
+               for k in before if k.startswith("pix_dec."))
+    old, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    new, _ = tf.load_model(os.path.join(out, "decoder.pt"), "tokenizer")
+    assert new.cfg.pix_dec_ch == (64 if decoder == "other" else 32)
+    assert train.tokenizer_id(new) == train.tokenizer_id(old)  # same ids: token files and GPT stay valid
+    x = images(4, size=32)
+    assert torch.equal(new.eval().encode(x), old.eval().encode(x))
+    tf.load_model(os.path.join(out, "gpt.pt"), "gpt", new)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 on CPU (Gloo) through all three stages: the teacher and tokenizer
+    compute what those of a one-process run compute of the same global batch (the gradient average over ranks is
+    the batch mean), the all-reduced held-out metrics equal the one-process ones, rank 0 alone
+    writes; the GPT trains (its class drop draws per sample, so it is not compared)."""
+    argv = ["train.py", "--iters", "2", "--batch-size", "8", "--eval-images", "32", "--token-images", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *argv, "--out-dir", str(tmp_path / "one")], cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *argv, "--out-dir", str(tmp_path / "two")], cwd=HERE, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for name, kind in (("teacher.pt", "teacher"), ("tokenizer.pt", "tokenizer")):
+        assert_same_function(tmp_path / "one" / name, tmp_path / "two" / name, kind)
+    rows = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
+    assert [(r["stage"], r["split"]) for r in rows[0]] == [(r["stage"], r["split"]) for r in rows[1]]  # rank 0 only
+    for a, b in zip(*rows):
+        if a["stage"] in ("teacher", "tokenizer"):
+            for k in ("acc", "psnr", "sem_cos", "usage", "recon_acc"):
+                assert k not in a or a[k] == pytest.approx(b[k], abs=1e-3), k
+    gpt = tf.load_checkpoint(tmp_path / "two" / "gpt.pt", "gpt")
+    assert gpt["step"] == 2 and gpt["optimizer"]["state"][0]["step"].item() == 2

@@ -97,6 +97,7 @@ def get_args(argv=None):
     # output and bookkeeping
     p.add_argument("--out-dir", default="out", help="checkpoints, image grids and metrics.jsonl go here")
     p.add_argument("--eval-interval", type=int, default=250, help="held-out evaluation + checkpoint every N steps")
+    p.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images per evaluation")
     p.add_argument("--resume", action="store_true", help="continue a stage from its checkpoint in OUT_DIR")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the data and the held-out split")
     # system
@@ -108,7 +109,7 @@ def get_args(argv=None):
     for name in ("iters", "num_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "eval_interval", "lr", "token_images", "grad_accum"):
+    for name in ("batch_size", "eval_interval", "eval_images", "lr", "token_images", "grad_accum"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.preset not in tf.PRESETS:
@@ -323,14 +324,14 @@ def spread(dataset, n):
 def make_dataset(args, cfg, split, size=None, augment=None):
     """The train or val split of --dataset; size caps it (shapes: sets it); augment defaults to split == 'train'."""
     if args.dataset == "shapes":
-        sizes = {"train": 1_000_000, "val": EVAL_IMAGES}  # shapes: effectively endless training data
+        sizes = {"train": 1_000_000, "val": args.eval_images}  # shapes: effectively endless training data
         return ShapesDataset(size or sizes[split], cfg.image_size, args.seed, split)
     root = os.path.join(args.data_path, split)
     if split == "val" and not os.path.isdir(root):
         root = os.path.join(args.data_path, "test")  # CIFAR-10 calls its held-out split test
     augment = split == "train" if augment is None else augment
     dataset = FolderDataset(root, cfg.image_size, augment, cache_dir=args.out_dir)
-    return spread(dataset, size if split == "train" else EVAL_IMAGES)
+    return spread(dataset, size if split == "train" else args.eval_images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,6 +731,7 @@ def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_
         if is_main(args):
             save_fn(step, {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                            **({"ema": ema.weights} if ema else {})})
+        barrier()  # the next stage of every rank reads this file
 
     accum = args.grad_accum
     data = batches(dataset, hp["batch_size"] // (args.world_size * accum), args, start=step * accum)
