@@ -731,6 +731,14 @@ def test_load_lpips_reads_torchvision_vgg_and_lpips_heads(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="expected 0000"):
         train.load_lpips(str(tmp_path))
 
+    def offline(url, path):
+        raise train.urllib.error.URLError("no network")
+
+    os.remove(tmp_path / "vgg.pth")  # missing, and no network to fetch it: say where to put it
+    monkeypatch.setattr(train.urllib.request, "urlretrieve", offline)
+    with pytest.raises(FileNotFoundError, match="vgg.pth is missing and its download .* failed"):
+        train.load_lpips(str(tmp_path))
+
 
 def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     assert train.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])).item() == 1.0
@@ -1028,3 +1036,12 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
                 assert k not in a or a[k] == pytest.approx(b[k], abs=1e-3), k
     gpt = tf.load_checkpoint(tmp_path / "two" / "gpt.pt", "gpt")
     assert gpt["step"] == 2 and gpt["optimizer"]["state"][0]["step"].item() == 2
+
+
+def test_bench_estimate_counts_flops_and_saved_activations():
+    """Linear(4, 3) on a (2, 4) input, squared and summed: forward 2*2*4*3 = 48 FLOPs and the weight
+    gradient 48 more (the input needs none); saved for backward: the input (8 floats) and the
+    output the square reads (6 floats) = 56 bytes, the weight not counted."""
+    import bench
+    lin, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    assert bench.measure(lambda: lin(x).pow(2).sum().backward(), list(lin.parameters())) == (96, 56)

@@ -102,8 +102,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the data and the held-out split")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype for forward passes (weights and optimiser stay fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype of forward passes; weights and optimiser stay fp32; float16 adds a "
+                        "gradient scaler (default auto: bfloat16 on a CUDA GPU that has it, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
     args = p.parse_args(argv)
     for name in ("iters", "num_workers"):
@@ -142,6 +143,8 @@ def get_args(argv=None):
         args.token_images = 8192
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     return args
 
 
@@ -380,7 +383,9 @@ def wrap(args, model):
     averages gradients over ranks in backward). The raw module stays the one saved and evaluated."""
     net = torch.compile(model) if args.compile else model
     if args.world_size > 1:
-        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None)
+        # buffers are constants (the GPT's codebook copy, masks) or the discriminator's BatchNorm
+        # statistics, which each rank keeps from its own batches: nothing to broadcast every step
+        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None, broadcast_buffers=False)
     return net
 
 
@@ -515,7 +520,11 @@ def checked_download(url, path, algo, digest):
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tqdm.write(f"downloading {url} -> {path}")
-        urllib.request.urlretrieve(url, path + ".part")
+        try:
+            urllib.request.urlretrieve(url, path + ".part")
+        except OSError as e:  # no network, a moved file, ...
+            raise FileNotFoundError(f"{path} is missing and its download from {url} failed ({e}); "
+                                    "fetch it on a machine with access and put it at that path") from e
         os.replace(path + ".part", path)
     h = hashlib.new(algo)
     with open(path, "rb") as f:
