@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import tokenflow as tf
-from train import EVAL_IMAGES, ShapesDataset, psnr, save_grid, tokenizer_id
+from train import BAD_IMAGE, EVAL_IMAGES, ShapesDataset, psnr, read_rgb, save_grid, tokenizer_id
 
 
 def get_args(argv=None):
@@ -67,11 +67,9 @@ def load_images(paths, size):
     out = []
     for path in paths:
         try:
-            img = Image.open(path)
-            img.load()
-        except (OSError, ValueError) as e:
+            img = read_rgb(path)
+        except BAD_IMAGE as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
-        img = img.convert("RGB")
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)

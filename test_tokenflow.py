@@ -13,7 +13,9 @@ import pickle
 import shutil
 import subprocess
 import sys
+import signal
 import tarfile
+import time
 import zipfile
 from dataclasses import asdict, replace
 
@@ -1034,6 +1036,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         if a["stage"] in ("teacher", "tokenizer"):
             for k in ("acc", "psnr", "sem_cos", "usage", "recon_acc"):
                 assert k not in a or a[k] == pytest.approx(b[k], abs=1e-3), k
+    listing = [sorted(str(p.relative_to(tmp_path / run)) for p in (tmp_path / run).rglob("*")) for run in ("one", "two")]
+    assert listing[0] == listing[1]  # the same files, no per-rank leftovers
     gpt = tf.load_checkpoint(tmp_path / "two" / "gpt.pt", "gpt")
     assert gpt["step"] == 2 and gpt["optimizer"]["state"][0]["step"].item() == 2
 
@@ -1045,3 +1049,175 @@ def test_bench_estimate_counts_flops_and_saved_activations():
     import bench
     lin, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
     assert bench.measure(lambda: lin(x).pow(2).sum().backward(), list(lin.parameters())) == (96, 56)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: odd and bad image files, signals, non-finite losses, exact resume after SIGKILL
+
+
+def test_odd_images_are_converted_and_bad_files_skipped(tmp_path, capsys):
+    root = tmp_path / "data" / "a"
+    root.mkdir(parents=True)
+    rgb = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], dtype=np.uint8))  # 2 x 1: red | blue
+    rgb.convert("L").save(root / "grey.png")
+    rgb.convert("RGBA").save(root / "rgba.png")
+    rgb.convert("P").save(root / "palette.png")
+    rgb.convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16)).save(root / "deep.png")  # 16-bit white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rgb.save(root / "rotated.jpg", exif=exif, quality=100)
+    for name in ("grey.png", "rgba.png", "palette.png", "cmyk.jpg", "deep.png", "rotated.jpg"):
+        assert train.read_rgb(root / name).mode == "RGB", name
+    assert np.asarray(train.read_rgb(root / "deep.png")).min() == 255  # scaled, not clipped or wrapped
+    assert train.read_rgb(root / "rotated.jpg").size == (1, 2)  # EXIF orientation applied
+    transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    transparent.save(root / "clear.png")
+    assert np.asarray(train.read_rgb(root / "clear.png")).min() == 255  # transparency over white
+    # bad files: zero bytes, truncated, not an image, unreadable
+    (root / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    (root / "text.png").write_text("not an image")
+    (root / "locked.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link: reading it fails
+    ds = train.FolderDataset(str(tmp_path / "data"), 8, augment=False, cache_dir=str(tmp_path))
+    assert len(ds) == 11
+    items = [ds[i] for i in range(len(ds))]
+    assert all(x.shape == (3, 8, 8) and torch.isfinite(x).all() for x, _ in items)  # tiny images upscaled
+    assert ds.unreadable.value == 5  # 4 bad files once each, and truncated.jpg again: it comes after text.png
+    err = capsys.readouterr().err
+    for name in ("empty.jpg", "truncated.jpg", "text.png", "locked.png"):
+        assert f"skipping unreadable image {root / name}" in err, name
+    # a training epoch over them reports the count at its end
+    data = train.batches(ds, 11, train.get_args(["--out-dir", str(tmp_path)]))
+    next(data)
+    next(data)  # the second epoch's first batch: the first epoch has ended
+    assert "unreadable images skipped" in capsys.readouterr().out
+
+
+def test_a_folder_of_only_bad_files_stops_with_a_message(tmp_path):
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        (tmp_path / "a" / f"{i}.jpg").write_bytes(b"")
+    ds = train.FolderDataset(str(tmp_path), 8, augment=False, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="none of its 3 image files can be read"):
+        ds[0]
+
+
+TEACHER_RUN = ["--stage", "teacher", "--batch-size", "8", "--eval-images", "16"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch, capsys, signum):
+    argv = TEACHER_RUN + ["--iters", "8", "--eval-interval", "100"]
+    train.main(argv + ["--out-dir", str(tmp_path / "straight")])
+    get_lr = train.get_lr
+
+    def signal_at_step_5(step, *a):
+        if step == 5:
+            os.kill(os.getpid(), signum)  # arrives mid-step, as Ctrl-C or a scheduler's stop would
+        return get_lr(step, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "get_lr", signal_at_step_5)
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + ["--out-dir", str(tmp_path / "stopped")])
+    assert e.value.code == 128 + signum
+    assert f"{signal.Signals(signum).name} at step 6: checkpoint written" in capsys.readouterr().out
+    assert tf.load_checkpoint(tmp_path / "stopped" / "teacher.pt", "teacher")["step"] == 6  # step 5 finished
+    train.main(argv + ["--out-dir", str(tmp_path / "stopped"), "--resume"])
+    assert_same_weights(weights(tmp_path / "straight" / "teacher.pt", "teacher"),
+                        weights(tmp_path / "stopped" / "teacher.pt", "teacher"))
+
+
+def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
+    cross_entropy, calls = F.cross_entropy, []
+
+    def nan_at(bad_calls):
+        def loss(*a, **kw):
+            calls.append(1)
+            return cross_entropy(*a, **kw) * (float("nan") if len(calls) in bad_calls else 1)
+        return loss
+
+    with monkeypatch.context() as m:  # steps 2 and 3 (calls 3 and 4) go bad: skipped, the run goes on
+        m.setattr(train.F, "cross_entropy", nan_at({3, 4}))
+        row = train.main(TEACHER_RUN + ["--iters", "6", "--out-dir", str(tmp_path / "a")])["teacher"]
+    assert row["skipped_steps"] == 2
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "a" / "teacher.pt", "teacher").values())
+    calls.clear()
+    with monkeypatch.context() as m:  # from step 4 on every loss is NaN: 10 in a row stop the run
+        m.setattr(train.F, "cross_entropy", nan_at(set(range(5, 100))))
+        with pytest.raises(train.NonFiniteLoss, match=r"10 non-finite losses in a row \(steps 4-13\).*holds step 3"):
+            train.main(TEACHER_RUN + ["--iters", "30", "--eval-interval", "3", "--out-dir", str(tmp_path / "b")])
+    ckpt = tf.load_checkpoint(tmp_path / "b" / "teacher.pt", "teacher")
+    assert ckpt["step"] == 3 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+
+
+HANG_AFTER_SAVE = """
+import sys, time
+sys.path.insert(0, {here!r})
+import tokenflow as tf, train
+save = tf.save_checkpoint
+def save_then_hang(path, kind, config, model, step=0, **extra):
+    save(path, kind, config, model, step, **extra)
+    if step == {step}:
+        print("saved", flush=True)
+        time.sleep(600)  # the parent SIGKILLs us here
+tf.save_checkpoint = save_then_hang
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "gpt"])
+def test_sigkill_then_resume_gives_the_weights_and_metrics_of_one_run(toy_run, tmp_path, stage):
+    """6 steps straight vs 3 steps, SIGKILL, --resume, 3 steps: the same weights (1e-6) and the same
+    metrics rows. Exact only if the data order, optimiser, EMA and random state all resume."""
+    argv = ["--stage", stage, "--iters", "6", "--eval-interval", "3", "--batch-size", "8", "--ema", "0.5",
+            "--eval-images", "128", "--token-images", "64"]
+    for run in ("straight", "killed"):
+        os.makedirs(tmp_path / run)
+        for name in ["teacher.pt"] + (["tokenizer.pt", "tokens"] if stage == "gpt" else []):
+            (shutil.copytree if name == "tokens" else shutil.copy)(os.path.join(toy_run[0], name), tmp_path / run / name)
+    train.main(argv + ["--out-dir", str(tmp_path / "straight")])
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_AFTER_SAVE.format(here=HERE, step=3))
+    child = subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(tmp_path / "killed")],
+                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in child.stdout:  # the run's own lines, then ours once the step-3 checkpoint is written
+        if line.strip() == "saved":
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    train.main(argv + ["--out-dir", str(tmp_path / "killed"), "--resume"])
+    a, b = (weights(tmp_path / run / f"{stage}.pt", stage) for run in ("straight", "killed"))
+    for k in a:
+        assert (a[k].float() - b[k].float()).abs().max() <= 1e-6, k
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "train_s"} for line in open(tmp_path / run / "metrics.jsonl")]
+            for run in ("straight", "killed")]
+    assert rows[0] == rows[1] and len(rows[0]) >= 2
+
+
+RANK_1_FAILS = """
+import os, sys
+sys.path.insert(0, {here!r})
+import train
+get_lr = train.get_lr
+def fail_on_rank_1(step, *a):
+    if step == 1 and os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 fails")
+    return get_lr(step, *a)
+train.get_lr = fail_on_rank_1
+train.main(sys.argv[1:])
+"""
+
+
+def test_when_one_rank_fails_every_rank_exits(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(RANK_1_FAILS.format(here=HERE))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        *TEACHER_RUN, "--iters", "50", "--out-dir", str(tmp_path)], cwd=HERE, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and "rank 1 fails" in r.stderr
+    assert time.time() - t0 < 60

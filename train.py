@@ -14,8 +14,11 @@ import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager, nullcontext
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -279,18 +282,51 @@ def scan_folder(root, cache_dir):
     return classes, files
 
 
+BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
+def read_rgb(path):
+    """An image file -> an RGB PIL image: EXIF orientation applied, 16-bit grey scaled (not clipped)
+    to 8 bits, transparency composited over white, CMYK / palette / grey converted. A zero-byte,
+    truncated, non-image or unreadable file raises one of BAD_IMAGE."""
+    with Image.open(path) as img:
+        img.load()  # decode now, so a truncated file fails here
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * 255 / 65535).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Images in the ImageFolder layout, as (image (3, S, S) in [-1, 1], class). augment: a random
     resized crop keeping >= 80% of the area (the official TokenFlow pipeline) and a horizontal
-    flip; otherwise the centre square, resized to S."""
+    flip; otherwise the centre square, resized to S. A file that cannot be read is replaced by the
+    next readable one, with a warning line; `unreadable` counts them across worker processes."""
 
     def __init__(self, root, image_size, augment, cache_dir):
         self.root, self.image_size, self.augment = os.path.abspath(root), image_size, augment
         self.classes, self.files = scan_folder(root, cache_dir)
         self.num_classes = len(self.classes)
+        self.unreadable = multiprocessing.Value("q", 0)
 
     def __len__(self):
         return len(self.files)
+
+    def read(self, i):
+        """-> (RGB image, class) of file i, or of the next readable file after it."""
+        for j in range(len(self.files)):
+            path, label = self.files[(i + j) % len(self.files)]
+            try:
+                return read_rgb(os.path.join(self.root, path)), label
+            except BAD_IMAGE as e:
+                with self.unreadable.get_lock():
+                    self.unreadable.value += 1
+                print(f"warning: skipping unreadable image {os.path.join(self.root, path)} "
+                      f"({type(e).__name__}: {e})", file=sys.stderr)
+        raise ValueError(f"{self.root}: none of its {len(self.files)} image files can be read; "
+                         "check the files (see the warnings above)")
 
     def crop_box(self, w, h):
         """(left, top, right, bottom) of the crop: random (area 80-100%, aspect 3/4-4/3) or centre."""
@@ -306,9 +342,7 @@ class FolderDataset(torch.utils.data.Dataset):
         return left, top, left + side, top + side
 
     def __getitem__(self, i):
-        path, label = self.files[i]
-        with Image.open(os.path.join(self.root, path)) as img:
-            img = img.convert("RGB")
+        img, label = self.read(i)
         img = img.resize((self.image_size, self.image_size), Image.BICUBIC, box=self.crop_box(*img.size))
         if self.augment and torch.rand(()) < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -385,16 +419,22 @@ def wrap(args, model):
     if args.world_size > 1:
         # buffers are constants (the GPT's codebook copy, masks) or the discriminator's BatchNorm
         # statistics, which each rank keeps from its own batches: nothing to broadcast every step
-        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None, broadcast_buffers=False)
+        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None, broadcast_buffers=False,
+                  gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second fp32 copy
     return net
 
 
+def rank_block(n, args):
+    """This rank's contiguous block of n items (blocks in rank order cover 0..n-1 once)."""
+    return range(n * args.rank // args.world_size, n * (args.rank + 1) // args.world_size)
+
+
 def rank_share(dataset, args):
-    """This rank's items of a held-out split (every world_size-th, no padding), so that sums
-    all-reduced over ranks are the sums over the whole split."""
+    """This rank's block of a held-out split (no padding), so that sums all-reduced over ranks
+    are the sums over the whole split."""
     if args.world_size == 1:
         return dataset
-    return torch.utils.data.Subset(dataset, range(args.rank, len(dataset), args.world_size))
+    return torch.utils.data.Subset(dataset, rank_block(len(dataset), args))
 
 
 def eval_loader(dataset, batch_size):
@@ -403,10 +443,19 @@ def eval_loader(dataset, batch_size):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
 
 
+def unreadable(dataset):
+    """Files a folder dataset has skipped so far (0 for other datasets)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset.unreadable.value if hasattr(dataset, "unreadable") else 0
+
+
 def batches(dataset, micro_batch, args, start=0):
     """Endless iterator of this rank's micro-batches (x (b, 3, S, S), y (b,)) on the device, from
     micro-batch `start` on. Epoch e is a permutation seeded by (seed, e), dealt over ranks as
-    DistributedSampler does; a resumed run therefore sees the batches the uninterrupted run would."""
+    DistributedSampler does; a resumed run therefore sees the images the uninterrupted run would,
+    in the same order. Their augmentation resumes exactly with --num-workers 0 (the main process's
+    random state is in the checkpoint); worker processes reseed at each epoch's start."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank,
                                                   shuffle=True, seed=args.seed, drop_last=True)
     per_epoch = len(sampler) // micro_batch
@@ -414,7 +463,7 @@ def batches(dataset, micro_batch, args, start=0):
         raise ValueError(f"{len(dataset)} training items are fewer than one batch ({micro_batch} per rank x "
                          f"{args.world_size} ranks); lower --batch-size or add data")
     epoch, skip = divmod(start, per_epoch)
-    fixed = None
+    fixed, seen_unreadable = None, unreadable(dataset)
     while True:
         sampler.set_epoch(epoch)
         order = list(sampler)[skip * micro_batch: per_epoch * micro_batch]
@@ -427,6 +476,10 @@ def batches(dataset, micro_batch, args, start=0):
                 fixed = fixed if fixed is not None else (x, y)
                 x, y = fixed
             yield x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        if unreadable(dataset) > seen_unreadable:
+            log(args, f"epoch {epoch}: {unreadable(dataset) - seen_unreadable} unreadable images skipped "
+                      "(each replaced by the next readable file)")
+            seen_unreadable = unreadable(dataset)
         epoch, skip = epoch + 1, 0
 
 
@@ -459,12 +512,19 @@ def tokenizer_id(tokenizer):
     return h.hexdigest()
 
 
+def save_npy(path, array):
+    """np.save through a temporary file and a rename, so a crash never leaves half a file."""
+    with open(f"{path}.tmp", "wb") as f:
+        np.save(f, array)
+    os.replace(f"{path}.tmp", path)
+
+
 @torch.no_grad()
 def token_file(args, tokenizer, split):
     """Tokenize a split once -> TokenDataset; reused while the tokenizer's encoders and codebook and
     the data are the same (out/tokens/<split>_ids.npy, <split>_labels.npy, and <split>_meta.json,
     written last and removed first, so a crash mid-write never leaves a meta beside other ids).
-    Under torchrun every rank encodes its share of the images into the same memory-mapped file."""
+    Under torchrun every rank encodes a block of the images; rank 0 joins the blocks."""
     dataset = make_dataset(args, tokenizer.cfg, split, args.token_images if split == "train" else None, augment=False)
     root = os.path.join(args.out_dir, "tokens")
     paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
@@ -473,32 +533,30 @@ def token_file(args, tokenizer, split):
     if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
         return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
     barrier()  # every rank has read the old meta before rank 0 removes it
-    K, N = tokenizer.cfg.codebook_size, len(dataset)
-    shapes = {"ids.npy": ((N, tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32),
-              "labels.npy": ((N,), np.int64)}
     if is_main(args):
         os.makedirs(root, exist_ok=True)
         if os.path.exists(paths["meta.json"]):
             os.remove(paths["meta.json"])
-        for k, (shape, dtype) in shapes.items():  # the files, sized; rows are filled in below
-            np.lib.format.open_memmap(paths[k] + ".tmp", "w+", dtype, shape)
-    barrier()
-    ids, labels = (np.lib.format.open_memmap(paths[k] + ".tmp", "r+") for k in shapes)
-    mine, start = range(args.rank, N, args.world_size), 0  # this rank's rows, as rank_share deals them
+    K, rows = tokenizer.cfg.codebook_size, rank_block(len(dataset), args)
+    ids = np.empty((len(rows), tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32)
+    labels, start = np.empty(len(rows), np.int64), 0
     tokenizer.eval()
     for x, y in tqdm(eval_loader(rank_share(dataset, args), 256), desc=f"tokenize {split}", dynamic_ncols=True,
                      disable=not is_main(args)):
-        rows = mine[start:start + len(x)]
         with autocast_ctx(args):
-            ids[rows.start:rows.stop:rows.step] = tokenizer.encode(x.to(args.device)).cpu().numpy()
-        labels[rows.start:rows.stop:rows.step] = y.numpy()
+            ids[start:start + len(x)] = tokenizer.encode(x.to(args.device)).cpu().numpy()
+        labels[start:start + len(x)] = y.numpy()
         start += len(x)
-    ids.flush()
-    labels.flush()
+    for k, array in (("ids.npy", ids), ("labels.npy", labels)):  # one file per rank: ranks on other
+        with open(f"{paths[k]}.rank{args.rank}.tmp", "wb") as f:  # nodes never write into one shared file
+            np.save(f, array)
     barrier()
-    if is_main(args):
-        for k in shapes:
-            os.replace(paths[k] + ".tmp", paths[k])
+    if is_main(args):  # join the blocks in rank order, then the meta, last
+        for k in ("ids.npy", "labels.npy"):
+            parts = [f"{paths[k]}.rank{r}.tmp" for r in range(args.world_size)]
+            save_npy(paths[k], np.concatenate([np.load(p) for p in parts]))
+            for p in parts:
+                os.remove(p)
         with open(paths["meta.json"] + ".tmp", "w") as f:
             json.dump(meta, f)
         os.replace(paths["meta.json"] + ".tmp", paths["meta.json"])
@@ -706,40 +764,78 @@ class EMA:
             model.load_state_dict(raw)
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupt:
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) are remembered rather than
+    acted on at once, so the training loop can finish the step, write a checkpoint and exit."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self.remember) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def remember(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def resume(args, stage, model, opt, scaler, ema, path):
+    """Load a stage's checkpoint into the model and the loop's state -> the step to continue from."""
+    ckpt = tf.load_checkpoint(path, "tokenizer" if stage == "decoder" else stage)
+    diff = config_diff(tf.config_from_dict(type(model.cfg), ckpt["config"]), model.cfg)
+    if diff:
+        raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
+                         f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        ema.weights = {k: v.to(args.device) for k, v in ckpt.get("ema", ckpt["model"]).items()}
+    if "rng" in ckpt:  # scale drop, class drop and augmentation continue as if never stopped
+        torch.set_rng_state(ckpt["rng"])
+    if "cuda_rng" in ckpt and args.device.startswith("cuda"):
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], args.device)
+    log(args, f"{stage}: resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
 def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_fn, weight_decay=0.0):
     """The one loop every stage shares: lr -> every N steps eval + checkpoint -> accumulate
     gradients over micro-batches -> clip -> step -> EMA -> log. model is the raw module (saved,
     evaluated), net what step_fn calls (compiled / DDP); step_fn(x, y, step) -> (loss, dict of
-    floats); eval_fn() -> dict; save_fn(step, state) saves the model with the loop's state."""
+    floats); eval_fn() -> dict; save_fn(step, state) saves the model with the loop's state.
+    A step whose loss is not finite is skipped (10 in a row stop the run); SIGINT / SIGTERM end
+    the current step, write a checkpoint and exit."""
     hp = stage_hparams(args, stage)
     opt = make_optimizer(params, hp["lr"], args, weight_decay)
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
     ema = EMA(model, hp["ema"]) if hp["ema"] > 0 else None
-    step, ckpt_path = 0, os.path.join(args.out_dir, f"{stage}.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = tf.load_checkpoint(ckpt_path, "tokenizer" if stage == "decoder" else stage)
-        diff = config_diff(tf.config_from_dict(type(model.cfg), ckpt["config"]), model.cfg)
-        if diff:
-            raise ValueError(f"cannot resume from {ckpt_path}: checkpoint vs this run differ in "
-                             f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
-        if ema is not None:
-            ema.weights = ckpt.get("ema", ckpt["model"])
-        step = ckpt["step"]
-        log(args, f"{stage}: resumed from {ckpt_path} at step {step}")
+    step, path = 0, os.path.join(args.out_dir, f"{stage}.pt")
+    if args.resume and os.path.exists(path):
+        step = resume(args, stage, model, opt, scaler, ema, path)
     elif args.resume:
-        log(args, f"{stage}: --resume given but there is no {ckpt_path}; starting from step 0")
+        log(args, f"{stage}: --resume given but there is no {path}; starting from step 0")
+    first, saved, skipped, bad_run = step, (step if step else None), 0, 0
 
     def evaluate():
         with ema.applied(model) if ema else nullcontext():
             return eval_fn()
 
     def save(step):
+        nonlocal saved
         if is_main(args):
-            save_fn(step, {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                           **({"ema": ema.weights} if ema else {})})
+            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(args.device)} if args.device.startswith("cuda") else {}
+            save_fn(step, {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                           **cuda_rng, **({"ema": ema.weights} if ema else {})})
+        saved = step
         barrier()  # the next stage of every rank reads this file
 
     accum = args.grad_accum
@@ -747,34 +843,58 @@ def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_
     bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True,
                disable=hp["iters"] == step or not is_main(args))
     t0 = time.time()
-    for step in bar:
-        lr = get_lr(step, hp["iters"], hp["lr"])
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if step > 0 and step % args.eval_interval == 0:
-            log_metrics(args, {"stage": stage, "step": step, "split": "val", **evaluate()})
-            save(step)
-        model.train()
-        for i in range(accum):
-            x, y = next(data)
-            # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
-            sync = net.no_sync() if args.world_size > 1 and i < accum - 1 else nullcontext()
-            with sync:
-                with autocast_ctx(args):
-                    loss, stats = step_fn(x, y, step)
-                scaler.scale(loss / accum).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if ema:
-            ema.update(model, step)
-        shown = all_sum(torch.tensor([loss.item(), *stats.values()])) / args.world_size  # last micro-batch, all ranks
-        bar.set_postfix(loss=f"{shown[0]:.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
-                        **{k: f"{v:.3g}" for k, v in zip(stats, shown[1:].tolist())})
+    with Interrupt() as interrupt:
+        for step in bar:
+            lr = get_lr(step, hp["iters"], hp["lr"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if step > first and step % args.eval_interval == 0:  # (a resumed run has its row and file)
+                log_metrics(args, {"stage": stage, "step": step, "split": "val", **evaluate()})
+                if bad_run == 0:  # a run of skipped steps keeps the last good checkpoint as it is
+                    save(step)
+            model.train()
+            finite = True
+            for i in range(accum):
+                x, y = next(data)
+                # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
+                sync = net.no_sync() if args.world_size > 1 and i < accum - 1 else nullcontext()
+                with sync:
+                    with autocast_ctx(args):
+                        loss, stats = step_fn(x, y, step)
+                    finite = finite and bool(torch.isfinite(loss))
+                    scaler.scale(loss / accum).backward()
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
+            finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
+            # one all-reduce per step: the numbers shown, and whether any rank saw a bad loss or a signal
+            flags = all_sum(torch.tensor([loss.item(), *stats.values(), not finite, interrupt.signal is not None],
+                                         dtype=torch.float64, device=args.device)).tolist()
+            bad, stop = flags[-2] > 0, flags[-1] > 0
+            if bad:  # skip the update: every rank agrees, so the weights stay the same everywhere
+                skipped, bad_run = skipped + 1, bad_run + 1
+                log(args, f"{stage}: step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_run == 10:
+                    last = f"{path} holds step {saved}" if saved is not None else "no checkpoint was written yet"
+                    raise NonFiniteLoss(f"{stage}: 10 non-finite losses in a row (steps {step - 9}-{step}); stopped "
+                                        f"without saving; {last}. Lower --lr or check the data, then --resume")
+            else:
+                scaler.step(opt)
+                bad_run = 0
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema and not bad:
+                ema.update(model, step)
+            bar.set_postfix(loss=f"{flags[0] / args.world_size:.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
+                            **{k: f"{v / args.world_size:.3g}" for k, v in zip(stats, flags[1:-2])})
+            if stop:
+                save(step + 1)
+                name = signal.Signals(interrupt.signal or signal.SIGTERM).name
+                log(args, f"{stage}: {name} at step {step + 1}: checkpoint written to {path}; "
+                          "run the same command with --resume to continue")
+                raise SystemExit(128 + (interrupt.signal or signal.SIGTERM))
     step = hp["iters"]
-    row = {"stage": stage, "step": step, "split": "val", **evaluate(), "train_s": round(time.time() - t0, 1)}
+    row = {"stage": stage, "step": step, "split": "val", **evaluate(), "train_s": round(time.time() - t0, 1),
+           **({"skipped_steps": skipped} if skipped else {})}
     log_metrics(args, row)
     save(step)
     if ema:
@@ -936,11 +1056,14 @@ def reconstruction_loss(args, x_rec, x, step, lpips, gan, last_layer):
     gan["opt"].zero_grad(set_to_none=True)
     d_loss = gan["net"](x, x_rec.detach())
     d_loss.backward()
-    gan["opt"].step()
+    if all(p.grad.isfinite().all() for p in gan["disc"].parameters()):  # (all-reduced: the same on every rank)
+        gan["opt"].step()  # a bad batch must not reach the discriminator's weights
     gan["disc"].requires_grad_(False)  # the generator's term trains the decoder, not the discriminator
     g_loss = -gan["disc"](x_rec).mean()
     gan["disc"].requires_grad_(True)
     w = adaptive_weight(rec, g_loss, last_layer) if args.adaptive_disc_weight else 1
+    if args.adaptive_disc_weight and args.world_size > 1:  # each rank's is from its own batch: use their mean
+        w = all_sum(w.clone()) / args.world_size
     return rec + args.disc_weight * w * g_loss, {**log, "d": d_loss.item(), "g": g_loss.item()}
 
 
@@ -985,11 +1108,15 @@ def finetune_decoder(args, cfg):
     torch.manual_seed(args.seed)
     tokenizer = tf.TokenFlow(cfg)
     same = trained.cfg == cfg
-    tokenizer.load_state_dict({k: v for k, v in trained.state_dict().items() if same or not k.startswith("pix_dec.")},
-                              strict=same)
+    missing, _ = tokenizer.load_state_dict({k: v for k, v in trained.state_dict().items()
+                                            if same or not k.startswith("pix_dec.")}, strict=same)
+    assert all(k.startswith("pix_dec.") for k in missing), missing  # only the new decoder starts fresh
     tokenizer = tokenizer.to(args.device).requires_grad_(False)
     tokenizer.pix_dec.requires_grad_(True)
     net, path = wrap(args, tokenizer.pix_dec), os.path.join(args.out_dir, "decoder.pt")
+    if args.resume and os.path.exists(path) and tokenizer_id(tf.load_model(path, "tokenizer")[0]) != tokenizer_id(trained):
+        raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
+                         "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
     lpips, gan = pixel_losses(args, stage_hparams(args, "decoder"), path)
     log(args, f"decoder: {'finetuning the trained' if same else 'training a new'} pixel decoder "
               f"({sum(p.numel() for p in tokenizer.pix_dec.parameters()):,} parameters), the rest frozen")
@@ -1124,3 +1251,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
