@@ -31,7 +31,20 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def measure(step, params):
+def attention_flops(modules, trained):
+    """FlopCounterMode has no formula for the CPU attention kernel, so count it by hand: per call,
+    q k^T and attn v are 2 * 2 * B * N^2 * D FLOPs forward; backward is twice that where the
+    attention trains (its inputs need gradients). -> (list that fills during the step, hooks)."""
+    calls = []
+
+    def hook(module, inputs, output):
+        B, N, D = inputs[0].shape
+        calls.append(4 * B * N * N * D * (3 if trained else 1))
+
+    return calls, [m.register_forward_hook(hook) for m in modules if isinstance(m, tf.Attention)]
+
+
+def measure(step, params, trained_modules=(), frozen_modules=()):
     """Run step() once -> (FLOPs, bytes of activations saved for backward, excluding weights)."""
     weights = {p.untyped_storage().data_ptr() for p in params}
     saved = {}
@@ -42,9 +55,17 @@ def measure(step, params):
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
+    attn, hooks = [], []
+    for modules, trained in ((trained_modules, True), (frozen_modules, False)):
+        for m in modules:
+            calls, h = attention_flops(m.modules(), trained)
+            attn.append(calls)
+            hooks += h
     with FlopCounterMode(display=False) as flops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return flops.get_total_flops(), sum(saved.values())
+    for h in hooks:
+        h.remove()
+    return flops.get_total_flops() + sum(sum(c) for c in attn), sum(saved.values())
 
 
 def tokenizer_step(cfg):
@@ -66,21 +87,23 @@ def tokenizer_step(cfg):
 
     trained, frozen = count(tokenizer) + count(disc), count(teacher) + count(lpips)
     flops, act = measure(step, [*tokenizer.parameters(), *disc.parameters(), *teacher.parameters(),
-                                *lpips.parameters()])
+                                *lpips.parameters()], trained_modules=[tokenizer], frozen_modules=[teacher])
     return {"trained_params": trained, "frozen_params": frozen, "flops_per_image": flops, "act_bytes_per_image": act}
 
 
 def gpt_step(cfg, gpt_cfg):
     """One sequence (all 561 tokens at 224 px) through the VAR-d16 GPT: forward, loss, backward."""
     torch.manual_seed(0)
-    gpt = tf.GPT(gpt_cfg, tf.TokenFlow(cfg).requires_grad_(False))
+    tokenizer = tf.TokenFlow(cfg).requires_grad_(False)  # on the GPU too: it tokenizes and decodes samples
+    gpt = tf.GPT(gpt_cfg, tokenizer)
     idx = torch.randint(0, cfg.codebook_size, (1, cfg.seq_len))
 
     def step():
         F.cross_entropy(gpt(idx, torch.zeros(1, dtype=torch.long)).flatten(0, 1), idx.flatten()).backward()
 
-    flops, act = measure(step, list(gpt.parameters()))
-    return {"trained_params": count(gpt), "frozen_params": 0, "flops_per_image": flops, "act_bytes_per_image": act}
+    flops, act = measure(step, list(gpt.parameters()), trained_modules=[gpt])
+    return {"trained_params": count(gpt), "frozen_params": count(tokenizer), "flops_per_image": flops,
+            "act_bytes_per_image": act}
 
 
 def estimate(per_gpu_batch):
@@ -92,7 +115,8 @@ def estimate(per_gpu_batch):
         t0 = time.time()
         row = fn()
         b = per_gpu_batch[stage]
-        static = 20 * row["trained_params"] + 4 * row["frozen_params"]  # fp32 w, grad, 2 Adam, EMA; frozen w
+        # fp32 weight, gradient (in DDP's buckets), 2 AdamW moments, EMA of what trains; frozen weights
+        static = 20 * row["trained_params"] + 4 * row["frozen_params"]
         row.update(bench="estimate", stage=stage, per_gpu_batch=b, static_gb=round(static / 1e9, 2),
                    est_fp32_act_gb=round(b * row["act_bytes_per_image"] / 1e9, 1),
                    est_step_s_h100=round(b * row["flops_per_image"] / (H100_BF16_FLOPS * ASSUMED_UTILISATION), 3),

@@ -29,6 +29,8 @@ def get_args(argv=None):
     p.add_argument("inputs", nargs="*", help="reconstruct/encode: image files (reconstruct without files: "
                    "held-out shapes); decode: one .npy file of ids (N, L)")
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt and gpt.pt")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt; "
+                   "OUT_DIR/decoder.pt after train.py --finetune-decoder: the same ids, its own pixel decoder)")
     p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, reconstructions_"
                    "sample.png, ids.npy or decoded.png, by mode)")
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
@@ -80,7 +82,7 @@ def load_images(paths, size):
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    tokenizer, _ = tf.load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    tokenizer, _ = tf.load_model(args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
     tokenizer = tokenizer.to(args.device).eval()
     default_out = {"generate": "samples.png", "reconstruct": "reconstructions_sample.png", "encode": "ids.npy",
                    "decode": "decoded.png"}[args.mode]

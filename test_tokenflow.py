@@ -551,6 +551,21 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     assert not os.path.exists(path + ".tmp")
 
 
+def test_a_kill_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, tiny, monkeypatch):
+    path = str(tmp_path / "tokenizer.pt")
+    tf.save_checkpoint(path, "tokenizer", TINY, tiny, step=1)
+
+    def killed_mid_write(obj, f):
+        f.write(b"PK\x03\x04 half a zip")  # the first bytes of a torch.save archive, then the kill
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(tf.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        tf.save_checkpoint(path, "tokenizer", TINY, tiny, step=2)
+    monkeypatch.undo()
+    assert tf.load_checkpoint(path, "tokenizer")["step"] == 1
+
+
 def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, tiny):
     path = str(tmp_path / "tokenizer.pt")
     tf.save_checkpoint(path, "tokenizer", TINY, tiny)
@@ -1013,6 +1028,9 @@ def test_finetune_decoder_trains_only_the_pixel_decoder(toy_run, tmp_path, monke
     x = images(4, size=32)
     assert torch.equal(new.eval().encode(x), old.eval().encode(x))
     tf.load_model(os.path.join(out, "gpt.pt"), "gpt", new)
+    png = sample.main(["--out-dir", out, "--tokenizer", os.path.join(out, "decoder.pt"), "--classes", "1",
+                       "--per-class", "2", "--out", str(tmp_path / "s.png")])  # the GPT samples through it
+    assert Image.open(png).size == (2 * 32 * 3, 32 * 3)
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path):
@@ -1221,3 +1239,15 @@ def test_when_one_rank_fails_every_rank_exits(tmp_path):
                        text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and "rank 1 fails" in r.stderr
     assert time.time() - t0 < 60
+
+
+def test_bench_estimate_counts_attention_by_hand():
+    """The by-hand attention count (4 B N^2 D forward, x3 with backward) makes the total equal what
+    FlopCounterMode counts when attention runs as plain matmuls (the math kernel)."""
+    import bench
+    attn, x = tf.Attention(8, 2), torch.randn(1, 5, 8)
+    step = lambda: attn(x).sum().backward()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        reference, _ = bench.measure(step, list(attn.parameters()))
+    assert bench.measure(step, list(attn.parameters()), trained_modules=[attn])[0] == reference
+    assert bench.measure(step, list(attn.parameters()))[0] == reference - 3 * 4 * 5 * 5 * 8  # without: uncounted
