@@ -1251,3 +1251,18 @@ def test_bench_estimate_counts_attention_by_hand():
         reference, _ = bench.measure(step, list(attn.parameters()))
     assert bench.measure(step, list(attn.parameters()), trained_modules=[attn])[0] == reference
     assert bench.measure(step, list(attn.parameters()))[0] == reference - 3 * 4 * 5 * 5 * 8  # without: uncounted
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(image_size=18), "token grids disagree"),  # not divisible by the patch and CNN factors
+    (dict(scales=[1, 2, 3]), "end at the token grid side 4"),
+])
+def test_a_checkpoint_with_an_impossible_config_exits_2(tmp_path, tiny, change, message):
+    path = str(tmp_path / "tokenizer.pt")
+    tf.save_checkpoint(path, "tokenizer", TINY, tiny)
+    ckpt = tf.load_checkpoint(path)
+    ckpt["config"].update(change)
+    torch.save(ckpt, path)
+    r = subprocess.run([sys.executable, "sample.py", "reconstruct", "--out-dir", str(tmp_path)], cwd=HERE,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
