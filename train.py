@@ -417,9 +417,7 @@ def wrap(args, model):
     averages gradients over ranks in backward). The raw module stays the one saved and evaluated."""
     net = torch.compile(model) if args.compile else model
     if args.world_size > 1:
-        # buffers are constants (the GPT's codebook copy, masks) or the discriminator's BatchNorm
-        # statistics, which each rank keeps from its own batches: nothing to broadcast every step
-        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None, broadcast_buffers=False,
+        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None,
                   gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second fp32 copy
     return net
 
