@@ -1,7 +1,15 @@
 """
 Measurements, one JSON object per line.
 
+    python bench.py             # vq, sample and train: ours against baselines in the same run
+    python bench.py vq          # the quantizer's training step vs the matmul+argmax floor and the naive way
+    python bench.py sample      # cached generation vs one teacher-forced forward (floor) and no cache
+    python bench.py train       # toy training steps with the data pipeline vs batches already in memory
     python bench.py estimate    # tokenflow-b: FLOPs, saved activations and per-GPU memory of a training step
+
+Times are medians of --repeats runs after one warm-up; `spread` is (max - min) / median. ratio =
+ours_s / baseline_s. peak_mb is the peak memory the call adds: CUDA's allocator peak on a GPU,
+the process's peak resident memory (Linux VmHWM, reset before the call) on CPU.
 
 `estimate` counts what one training image costs at the tokenflow-b sizes (on CPU, batch 1): the
 FLOPs of forward + backward (torch's FlopCounterMode), the bytes of the tensors autograd saves for
@@ -13,10 +21,15 @@ and are labelled so.
 
 import argparse
 import json
+import os
+import re
+import statistics
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
+import numpy as np
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,6 +38,229 @@ import train
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 ASSUMED_UTILISATION = 0.35  # a typical fraction of that peak for mixed conv / attention training
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and peak memory
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats, device):
+    """fn() once to warm up, then `repeats` times -> (median seconds, spread = (max - min) / median)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return median, (max(times) - min(times)) / median
+
+
+def rss_mb(key):
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+
+def peak_mb(fn, device):
+    """Peak memory fn() adds, in MB (None where it cannot be read: CPU off Linux)."""
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    base = rss_mb("VmRSS")
+    fn()
+    return round(rss_mb("VmHWM") - base, 1)
+
+
+def report(bench, baseline, ours, theirs, ours_mb=None, theirs_mb=None, **extra):
+    """One JSON line for (benchmark, baseline): ours and theirs are (median s, spread)."""
+    print(json.dumps({"bench": bench, "baseline": baseline, "ours_s": round(ours[0], 5), "baseline_s": round(theirs[0], 5),
+                      "ratio": round(ours[0] / theirs[0], 3), "ours_spread": round(ours[1], 3),
+                      "baseline_spread": round(theirs[1], 3), "peak_mb": ours_mb, "baseline_peak_mb": theirs_mb,
+                      **extra}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# vq: the quantizer's training step at the tokenflow-b shapes
+
+
+def naive_quantize(codebook, z_BCnn, scales, window):
+    """The quantizer as the official TokenFlow code computes it, our baseline: per scale, the two
+    squared-distance matrices ||z||^2 + ||e||^2 - 2 z e (N x K each) and their weighted sum, an
+    N x K one-hot of the argmin, the codes as one-hot @ table, and codebook usage by `unique` over
+    the last `window` ids. -> (f_hat, [ids (B, s*s)], vq loss, usage)."""
+    B, C, n, _ = z_BCnn.shape
+    sem_dim, K = codebook.sem.shape[1], codebook.sem.shape[0]
+    e_sem, e_pix = F.normalize(codebook.sem, dim=1), F.normalize(codebook.pix, dim=1)
+    residual, f_hat, ids, vq, recent = z_BCnn, torch.zeros_like(z_BCnn), [], 0, window
+    for s in scales:
+        r = F.interpolate(residual, size=(s, s), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
+        z_sem, z_pix = F.normalize(r[:, :sem_dim], dim=1), F.normalize(r[:, sem_dim:], dim=1)
+        d_sem = z_sem.pow(2).sum(1, keepdim=True) + e_sem.pow(2).sum(1) - 2 * z_sem @ e_sem.T  # (N, K)
+        d_pix = z_pix.pow(2).sum(1, keepdim=True) + e_pix.pow(2).sum(1) - 2 * z_pix @ e_pix.T  # (N, K)
+        idx = (d_sem + codebook.pix_weight * d_pix).argmin(1)
+        one_hot = torch.zeros(len(idx), K, device=idx.device).scatter_(1, idx[:, None], 1)  # (N, K)
+        z = torch.cat([z_sem, z_pix], 1)
+        q = one_hot @ torch.cat([e_sem, e_pix], 1)  # (N, C)
+        vq = vq + F.mse_loss(q, z.detach()) + codebook.beta * F.mse_loss(z, q.detach())
+        q = z + (q - z).detach()
+        q_BCnn = tf.upsample(q.view(B, s, s, C).permute(0, 3, 1, 2), n)
+        f_hat, residual = f_hat + q_BCnn, residual - q_BCnn.detach()
+        ids.append(idx.view(B, s * s))
+        recent = torch.cat([recent, idx])[-window.numel():]
+    usage = torch.unique(recent).numel() / K
+    return f_hat, ids, vq / len(scales), usage
+
+
+def bench_vq(args):
+    cfg = tf.PRESETS["tokenflow-b"]["tokenizer"]
+    torch.manual_seed(0)
+    codebook = tf.DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim).to(args.device)
+    quantizer = SimpleNamespace(codebook=codebook, cfg=cfg)  # all TokenFlow.quantize reads of its model
+    z = torch.randn(8, cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid, device=args.device, requires_grad=True)
+    window = torch.randint(0, cfg.codebook_size, (131_072,), device=args.device)  # the official usage window
+
+    def ours():
+        f_hat, _, stats = tf.TokenFlow.quantize(quantizer, z, cfg.scales)
+        (f_hat.square().mean() + stats["vq"]).backward()
+
+    def naive():
+        f_hat, _, vq, _ = naive_quantize(codebook, z, cfg.scales, window)
+        (f_hat.square().mean() + vq).backward()
+
+    N = 8 * cfg.seq_len  # every scale's rows at once
+    u = F.normalize(torch.randn(N, cfg.sem_dim + cfg.pix_dim, device=args.device), dim=1)
+    e = F.normalize(torch.randn(cfg.sem_dim + cfg.pix_dim, cfg.codebook_size, device=args.device), dim=0)
+    floor = lambda: (u @ e).argmax(1)
+    mine = timed(ours, args.repeats, args.device), peak_mb(ours, args.device)
+    shape = dict(batch=8, K=cfg.codebook_size, dims=[cfg.sem_dim, cfg.pix_dim], rows=N, device=args.device)
+    report("vq", "floor", mine[0], timed(floor, args.repeats, args.device), mine[1], peak_mb(floor, args.device), **shape)
+    report("vq", "naive", mine[0], timed(naive, args.repeats, args.device), mine[1], peak_mb(naive, args.device), **shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample: cached class-conditional generation at the tokenflow-b scales
+
+
+@torch.no_grad()
+def generate_no_cache(gpt, labels, cfg, top_k, top_p, generator):
+    """GPT.generate's math with guidance on the linear schedule, the way the official sampler runs
+    it: every scale runs a plain forward over the whole prefix (no KV cache) and keeps the logits
+    of its own tokens. Our baseline."""
+    B, S, n = len(labels), len(gpt.scales), gpt.grid
+    rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)])
+    inputs, f_hat, start, out = [gpt.class_emb(rows)[:, None]], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
+    for si, s in enumerate(gpt.scales):
+        end = start + s * s
+        x = gpt.embed(torch.cat(inputs, 1), 0)  # (2B, end, D)
+        for block in gpt.blocks:
+            x = block(x, mask=gpt.mask[:end, :end])
+        logits = gpt.head(gpt.ln_f(x)).float()  # a plain forward: logits at every position of the prefix
+        cond, uncond = logits[:, start:end].chunk(2)
+        t = cfg * si / max(1, S - 1)
+        idx = tf.sample_logits(((1 + t) * cond - t * uncond).flatten(0, 1), 1.0, top_k, top_p, generator)
+        idx = idx.view(B, s * s)
+        f_hat = f_hat + tf.upsample(gpt.scale_codes(idx, s), n)
+        out.append(idx)
+        start = end
+        if si + 1 < S:
+            inputs.append(gpt.next_input(f_hat, gpt.scales[si + 1]).repeat(2, 1, 1))
+    return torch.cat(out, 1)
+
+
+def bench_sample(args):
+    cfg = tf.PRESETS["tokenflow-b"]["tokenizer"]
+    gpt_cfg = tf.GPTConfig(num_classes=1000, width=args.gpt_width, depth=args.gpt_depth, heads=args.gpt_width // 64)
+    torch.manual_seed(0)
+    codebook_only = SimpleNamespace(cfg=cfg, codebook=tf.DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim))
+    gpt = tf.GPT(gpt_cfg, codebook_only).to(args.device).eval()
+    labels = torch.arange(8, device=args.device)
+    kw = dict(cfg=3.0, top_k=600, top_p=0.8)
+    gen = lambda: torch.Generator(args.device).manual_seed(0)
+    ours = lambda: gpt.generate(labels, generator=gen(), **kw)
+    no_cache = lambda: generate_no_cache(gpt, labels, generator=gen(), **kw)
+    idx16 = torch.randint(0, cfg.codebook_size, (16, cfg.seq_len), device=args.device)
+    logits8 = torch.randn(8 * cfg.seq_len, cfg.codebook_size, device=args.device)
+
+    @torch.no_grad()
+    def floor():  # one teacher-forced forward of all 561 tokens at batch 16, then sampling 561 tokens of 8 images
+        gpt(idx16, torch.cat([labels, torch.full_like(labels, 1000)]))
+        tf.sample_logits(logits8, 1.0, kw["top_k"], kw["top_p"], gen())
+
+    mine = timed(ours, args.repeats, args.device), peak_mb(ours, args.device)
+    shape = dict(images=8, batch_inside=16, L=cfg.seq_len, K=cfg.codebook_size, top_k=kw["top_k"], top_p=kw["top_p"],
+                 gpt=f"width {gpt_cfg.width}, depth {gpt_cfg.depth}, {sum(p.numel() for p in gpt.parameters()) / 1e6:.1f}M",
+                 device=args.device)
+    report("sample", "floor", mine[0], timed(floor, args.repeats, args.device), mine[1], peak_mb(floor, args.device), **shape)
+    report("sample", "no-cache", mine[0], timed(no_cache, args.repeats, args.device), mine[1],
+           peak_mb(no_cache, args.device), same_samples=bool(torch.equal(ours(), no_cache())),
+           same_greedy_samples=bool(torch.equal(gpt.generate(labels, cfg=3.0, top_k=1),
+                                                 generate_no_cache(gpt, labels, 3.0, 1, 0.0, None))), **shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# train: toy training steps, data pipeline on vs batches already in memory
+
+
+def train_steps(args, stage):
+    """-> (step(x, y), the real pipeline's batches, batch size) for a toy stage: the tokenizer reads
+    shapes rendered on the fly, the GPT token ids from memory through the DataLoader."""
+    preset, targs = tf.PRESETS["toy"], train.get_args(["--out-dir", "/tmp", "--device", args.device])
+    cfg, batch = preset["tokenizer"], train.DEFAULTS[("toy", stage)]["batch_size"]
+    torch.manual_seed(0)
+    tokenizer = tf.TokenFlow(cfg).to(args.device)
+    if stage == "tokenizer":
+        teacher = tf.Teacher(cfg, 8).to(args.device).requires_grad_(False)
+        model, data = tokenizer, train.batches(train.ShapesDataset(1_000_000, cfg.image_size, 0, "train"), batch, targs)
+
+        def loss_fn(x, y):
+            with torch.no_grad():
+                target = teacher.features(x)
+            x_rec, sem, stats = tokenizer(x)
+            return F.mse_loss(x_rec, x) + (1 - F.cosine_similarity(sem, target, dim=-1)).mean() + stats["vq"]
+    else:
+        model = tf.GPT(replace(preset["gpt"], num_classes=8), tokenizer).to(args.device)
+        ids = np.random.default_rng(0).integers(0, cfg.codebook_size, (8192, cfg.seq_len)).astype(np.uint16)
+        data = train.batches(train.TokenDataset(ids, np.arange(8192) % 8), batch, targs)
+        loss_fn = lambda idx, y: F.cross_entropy(model(idx, y).flatten(0, 1), idx.flatten())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(x, y):
+        loss_fn(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, data, batch
+
+
+def bench_train(args):
+    for stage in ("tokenizer", "gpt"):
+        step, data, batch = train_steps(args, stage)
+        fixed = next(data)
+        with_data = timed(lambda: step(*next(data)), args.repeats * 4, args.device)
+        in_memory = timed(lambda: step(*fixed), args.repeats * 4, args.device)
+        per_s = {"images_per_s": round(batch / with_data[0], 1)}
+        if stage == "gpt":
+            per_s["tokens_per_s"] = round(batch * tf.PRESETS["toy"]["tokenizer"].seq_len / with_data[0])
+        report("train", "data-in-memory", with_data, in_memory, stage=f"toy {stage}", batch=batch, **per_s,
+               device=args.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate: FLOPs and memory of a tokenflow-b training step, counted on CPU
 
 
 def count(module):
@@ -126,11 +362,20 @@ def estimate(per_gpu_batch):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="estimate", choices=["estimate"])
-    p.add_argument("--gpus", type=int, default=8, help="GPUs the global batches of train.py's DEFAULTS spread over")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "vq", "sample", "train", "estimate"])
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gpt-width", type=int, default=256, help="sample: GPT width (heads = width / 64)")
+    p.add_argument("--gpt-depth", type=int, default=4, help="sample: GPT blocks")
+    p.add_argument("--gpus", type=int, default=8, help="estimate: GPUs the global batches of train.py's DEFAULTS spread over")
     args = p.parse_args(argv)
-    batch = {s: train.DEFAULTS[("tokenflow-b", s)]["batch_size"] // args.gpus for s in ("tokenizer", "gpt")}
-    estimate(batch)
+    if args.repeats < 1 or args.gpus < 1 or args.gpt_width % 64:
+        p.error("--repeats and --gpus must be >= 1 and --gpt-width a multiple of 64")
+    run = {"vq": bench_vq, "sample": bench_sample, "train": bench_train,
+           "estimate": lambda a: estimate({s: train.DEFAULTS[("tokenflow-b", s)]["batch_size"] // a.gpus
+                                           for s in ("tokenizer", "gpt")})}
+    for what in (["vq", "sample", "train"] if args.what == "all" else [args.what]):
+        run[what](args)
 
 
 if __name__ == "__main__":

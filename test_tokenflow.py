@@ -1266,3 +1266,29 @@ def test_a_checkpoint_with_an_impossible_config_exits_2(tmp_path, tiny, change, 
     r = subprocess.run([sys.executable, "sample.py", "reconstruct", "--out-dir", str(tmp_path)], cwd=HERE,
                        capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_naive_quantizer_gives_our_ids():
+    """The official-style baseline of `bench.py vq` (distance matrices, one-hot) picks the same ids
+    as TokenFlow.quantize, and its loss terms match, on a small config."""
+    import bench
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    codebook = tf.DualCodebook(TINY.codebook_size, TINY.sem_dim, TINY.pix_dim, pix_weight=0.7)
+    z = torch.randn(3, TINY.sem_dim + TINY.pix_dim, TINY.grid, TINY.grid)
+    f_ours, ids_ours, stats = tf.TokenFlow.quantize(SimpleNamespace(codebook=codebook, cfg=TINY), z, TINY.scales)
+    f_naive, ids_naive, vq, usage = bench.naive_quantize(codebook, z, TINY.scales, torch.zeros(0, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(ids_ours, ids_naive))
+    assert torch.allclose(f_ours, f_naive, atol=1e-5) and torch.allclose(stats["vq"], vq, atol=1e-6)
+    assert usage == torch.cat(ids_ours, 1).unique().numel() / TINY.codebook_size
+
+
+def test_bench_no_cache_sampler_gives_the_cached_samples(gpt):
+    """Re-running the whole prefix at every scale (the official sampler) and our KV-cached
+    generate draw the same ids from the same seed, with top-k and top-p on."""
+    import bench
+    labels = torch.tensor([0, 2, 3])  # 3: the null class
+    for top_k, top_p in ((0, 0.0), (20, 0.8)):
+        ours = gpt.generate(labels, cfg=2.0, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(1))
+        theirs = bench.generate_no_cache(gpt, labels, 2.0, top_k, top_p, torch.Generator().manual_seed(1))
+        assert torch.equal(ours, theirs)
