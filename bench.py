@@ -5,6 +5,7 @@ Measurements, one JSON object per line.
     python bench.py vq          # the quantizer's training step vs the matmul+argmax floor and the naive way
     python bench.py sample      # cached generation vs one teacher-forced forward (floor) and no cache
     python bench.py train       # toy training steps with the data pipeline vs batches already in memory
+    python bench.py train --preset tokenflow-b --batch-size 2   # the B sizes at a reduced batch
     python bench.py estimate    # tokenflow-b: FLOPs, saved activations and per-GPU memory of a training step
 
 Times are medians of --repeats runs after one warm-up; `spread` is (max - min) / median. ratio =
@@ -216,15 +217,18 @@ def bench_sample(args):
 
 
 def train_steps(args, stage):
-    """-> (step(x, y), the real pipeline's batches, batch size) for a toy stage: the tokenizer reads
-    shapes rendered on the fly, the GPT token ids from memory through the DataLoader."""
-    preset, targs = tf.PRESETS["toy"], train.get_args(["--out-dir", "/tmp", "--device", args.device])
-    cfg, batch = preset["tokenizer"], train.DEFAULTS[("toy", stage)]["batch_size"]
+    """-> (step(x, y), the real pipeline's batches, batch size, trained module, frozen modules) for
+    a stage of --preset: the tokenizer reads shapes rendered on the fly, the GPT random token ids
+    from memory through the DataLoader."""
+    preset, targs = tf.PRESETS[args.preset], train.get_args(["--out-dir", "/tmp", "--device", args.device])
+    cfg = preset["tokenizer"]
+    batch = args.batch_size or train.DEFAULTS[(args.preset, stage)]["batch_size"]
     torch.manual_seed(0)
-    tokenizer = tf.TokenFlow(cfg).to(args.device)
+    tokenizer, frozen = tf.TokenFlow(cfg).to(args.device), []
     if stage == "tokenizer":
-        teacher = tf.Teacher(cfg, 8).to(args.device).requires_grad_(False)
-        model, data = tokenizer, train.batches(train.ShapesDataset(1_000_000, cfg.image_size, 0, "train"), batch, targs)
+        teacher = tf.Teacher(cfg).to(args.device).requires_grad_(False)
+        model, frozen = tokenizer, [teacher]
+        data = train.batches(train.ShapesDataset(1_000_000, cfg.image_size, 0, "train"), batch, targs)
 
         def loss_fn(x, y):
             with torch.no_grad():
@@ -232,31 +236,40 @@ def train_steps(args, stage):
             x_rec, sem, stats = tokenizer(x)
             return F.mse_loss(x_rec, x) + (1 - F.cosine_similarity(sem, target, dim=-1)).mean() + stats["vq"]
     else:
-        model = tf.GPT(replace(preset["gpt"], num_classes=8), tokenizer).to(args.device)
+        model = tf.GPT(replace(preset["gpt"], num_classes=8), tokenizer.requires_grad_(False)).to(args.device)
         ids = np.random.default_rng(0).integers(0, cfg.codebook_size, (8192, cfg.seq_len)).astype(np.uint16)
         data = train.batches(train.TokenDataset(ids, np.arange(8192) % 8), batch, targs)
         loss_fn = lambda idx, y: F.cross_entropy(model(idx, y).flatten(0, 1), idx.flatten())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):
-        loss_fn(x, y).backward()
+        with train.autocast_ctx(SimpleNamespace(dtype=args.dtype, device=args.device)):
+            loss = loss_fn(x, y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, data, batch
+    return step, data, batch, model, frozen
+
+
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}  # dense bf16 peaks, for model FLOPs utilisation
 
 
 def bench_train(args):
     for stage in ("tokenizer", "gpt"):
-        step, data, batch = train_steps(args, stage)
+        step, data, batch, model, frozen = train_steps(args, stage)
         fixed = next(data)
         with_data = timed(lambda: step(*next(data)), args.repeats * 4, args.device)
         in_memory = timed(lambda: step(*fixed), args.repeats * 4, args.device)
-        per_s = {"images_per_s": round(batch / with_data[0], 1)}
+        flops, _ = measure(lambda: step(*fixed), list(model.parameters()), trained_modules=[model], frozen_modules=frozen)
+        extra = {"images_per_s": round(batch / with_data[0], 1), "tflops_per_s": round(flops / with_data[0] / 1e12, 3)}
         if stage == "gpt":
-            per_s["tokens_per_s"] = round(batch * tf.PRESETS["toy"]["tokenizer"].seq_len / with_data[0])
-        report("train", "data-in-memory", with_data, in_memory, stage=f"toy {stage}", batch=batch, **per_s,
-               device=args.device)
+            extra["tokens_per_s"] = round(batch * tf.PRESETS[args.preset]["tokenizer"].seq_len / with_data[0])
+        peak = [v for k, v in PEAK_TFLOPS.items() if args.device.startswith("cuda") and k in torch.cuda.get_device_name()]
+        if peak and args.dtype == "bfloat16":
+            extra["mfu"] = round(extra["tflops_per_s"] / peak[0], 3)
+        report("train", "data-in-memory", with_data, in_memory, stage=f"{args.preset} {stage}", batch=batch, **extra,
+               dtype=args.dtype, device=args.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,10 +380,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpt-width", type=int, default=256, help="sample: GPT width (heads = width / 64)")
     p.add_argument("--gpt-depth", type=int, default=4, help="sample: GPT blocks")
+    p.add_argument("--preset", default="toy", choices=sorted(tf.PRESETS), help="train: model sizes")
+    p.add_argument("--batch-size", type=int, default=None, help="train: batch (default: the preset's, as train.py)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="train: autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--gpus", type=int, default=8, help="estimate: GPUs the global batches of train.py's DEFAULTS spread over")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.gpus < 1 or args.gpt_width % 64:
-        p.error("--repeats and --gpus must be >= 1 and --gpt-width a multiple of 64")
+    if args.repeats < 1 or args.gpus < 1 or args.gpt_width % 64 or (args.batch_size or 1) < 1:
+        p.error("--repeats, --gpus and --batch-size must be >= 1 and --gpt-width a multiple of 64")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     run = {"vq": bench_vq, "sample": bench_sample, "train": bench_train,
            "estimate": lambda a: estimate({s: train.DEFAULTS[("tokenflow-b", s)]["batch_size"] // a.gpus
                                            for s in ("tokenizer", "gpt")})}

@@ -805,6 +805,21 @@ def resume(args, stage, model, opt, scaler, ema, path):
     return ckpt["step"]
 
 
+def accumulate(args, net, data, step_fn, step, scaler):
+    """Forward + backward of --grad-accum micro-batches -> (last loss, its stats, all losses finite?)."""
+    finite = True
+    for i in range(args.grad_accum):
+        x, y = next(data)
+        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
+        sync = net.no_sync() if args.world_size > 1 and i < args.grad_accum - 1 else nullcontext()
+        with sync:
+            with autocast_ctx(args):
+                loss, stats = step_fn(x, y, step)
+            finite = finite and bool(torch.isfinite(loss))
+            scaler.scale(loss / args.grad_accum).backward()
+    return loss, stats, finite
+
+
 def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_fn, weight_decay=0.0):
     """The one loop every stage shares: lr -> every N steps eval + checkpoint -> accumulate
     gradients over micro-batches -> clip -> step -> EMA -> log. model is the raw module (saved,
@@ -851,16 +866,7 @@ def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_
                 if bad_run == 0:  # a run of skipped steps keeps the last good checkpoint as it is
                     save(step)
             model.train()
-            finite = True
-            for i in range(accum):
-                x, y = next(data)
-                # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
-                sync = net.no_sync() if args.world_size > 1 and i < accum - 1 else nullcontext()
-                with sync:
-                    with autocast_ctx(args):
-                        loss, stats = step_fn(x, y, step)
-                    finite = finite and bool(torch.isfinite(loss))
-                    scaler.scale(loss / accum).backward()
+            loss, stats, finite = accumulate(args, net, data, step_fn, step, scaler)
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
             finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
