@@ -287,14 +287,14 @@ BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # 
 
 def read_rgb(path):
     """An image file -> an RGB PIL image: EXIF orientation applied, 16-bit grey scaled (not clipped)
-    to 8 bits, transparency composited over white, CMYK / palette / grey converted. A zero-byte,
+    from the full 16-bit range to 8 bits, transparency composited over white, CMYK / palette / grey converted. A zero-byte,
     truncated, non-image or unreadable file raises one of BAD_IMAGE."""
     with Image.open(path) as img:
         img.load()  # decode now, so a truncated file fails here
         img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) * 255 / 65535).round().clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # (P, L and RGB: a transparent key)
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
@@ -315,18 +315,21 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def read(self, i):
-        """-> (RGB image, class) of file i, or of the next readable file after it."""
-        for j in range(len(self.files)):
+        """-> (RGB image, class) of file i, or of the next readable file after it. A bad file is
+        counted and reported when its own index is read (once an epoch), not when passed over."""
+        tries = min(len(self.files), 100)
+        for j in range(tries):
             path, label = self.files[(i + j) % len(self.files)]
             try:
                 return read_rgb(os.path.join(self.root, path)), label
             except BAD_IMAGE as e:
-                with self.unreadable.get_lock():
-                    self.unreadable.value += 1
-                print(f"warning: skipping unreadable image {os.path.join(self.root, path)} "
-                      f"({type(e).__name__}: {e})", file=sys.stderr)
-        raise ValueError(f"{self.root}: none of its {len(self.files)} image files can be read; "
-                         "check the files (see the warnings above)")
+                if j == 0:
+                    with self.unreadable.get_lock():
+                        self.unreadable.value += 1
+                    print(f"warning: skipping unreadable image {os.path.join(self.root, path)} "
+                          f"({type(e).__name__}: {e})", file=sys.stderr)
+        raise ValueError(f"{self.root}: {tries} image files in a row, from {self.files[i][0]}, cannot be read; "
+                         "check the files and the disk (see the warnings above)")
 
     def crop_box(self, w, h):
         """(left, top, right, bottom) of the crop: random (area 80-100%, aspect 3/4-4/3) or centre."""
@@ -391,10 +394,14 @@ def is_main(args):
 
 
 def all_sum(t):
-    """Sum a tensor over ranks, in place (a no-op in one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+    """A tensor summed over ranks (itself in one process), on the device it came from. NCCL
+    reduces CUDA tensors only, so the sum runs on this rank's GPU there."""
+    if not dist.is_initialized():
+        return t
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    total = t.to(device)
+    dist.all_reduce(total)
+    return total.to(t.device)
 
 
 def barrier():
@@ -777,11 +784,20 @@ class Interrupt:
         return self
 
     def remember(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now, the usual way
+            self.restore()
+            signal.raise_signal(signum)
         self.signal = signum
 
-    def __exit__(self, *exc):
+    def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        if self.signal is not None and exc[0] is None:  # arrived after the last step's check: act on it now
+            signal.raise_signal(self.signal)
 
 
 def resume(args, stage, model, opt, scaler, ema, path):
@@ -872,7 +888,7 @@ def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_
             finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
             # one all-reduce per step: the numbers shown, and whether any rank saw a bad loss or a signal
             flags = all_sum(torch.tensor([loss.item(), *stats.values(), not finite, interrupt.signal is not None],
-                                         dtype=torch.float64, device=args.device)).tolist()
+                                         dtype=torch.float64)).tolist()
             bad, stop = flags[-2] > 0, flags[-1] > 0
             if bad:  # skip the update: every rank agrees, so the weights stay the same everywhere
                 skipped, bad_run = skipped + 1, bad_run + 1
@@ -891,11 +907,15 @@ def train_loop(args, stage, model, net, params, dataset, step_fn, eval_fn, save_
             bar.set_postfix(loss=f"{flags[0] / args.world_size:.4f}", gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}",
                             **{k: f"{v / args.world_size:.3g}" for k, v in zip(stats, flags[1:-2])})
             if stop:
-                save(step + 1)
-                name = signal.Signals(interrupt.signal or signal.SIGTERM).name
-                log(args, f"{stage}: {name} at step {step + 1}: checkpoint written to {path}; "
+                signum, interrupt.signal = interrupt.signal or signal.SIGTERM, None  # (another rank's)
+                if (step + 1) % args.eval_interval == 0 and step + 1 < hp["iters"]:  # the row a resume skips
+                    log_metrics(args, {"stage": stage, "step": step + 1, "split": "val", **evaluate()})
+                if bad_run == 0:
+                    save(step + 1)
+                written = f"checkpoint written to {path}" if bad_run == 0 else f"{path} holds step {saved}"
+                log(args, f"{stage}: {signal.Signals(signum).name} at step {step + 1}: {written}; "
                           "run the same command with --resume to continue")
-                raise SystemExit(128 + (interrupt.signal or signal.SIGTERM))
+                raise SystemExit(128 + signum)
     step = hp["iters"]
     row = {"stage": stage, "step": step, "split": "val", **evaluate(), "train_s": round(time.time() - t0, 1),
            **({"skipped_steps": skipped} if skipped else {})}
@@ -918,7 +938,7 @@ def evaluate_teacher(args, teacher):
         with autocast_ctx(args):
             correct += (teacher(x.to(args.device)).argmax(1).cpu() == y).sum().item()
         seen += len(y)
-    correct, seen = all_sum(torch.tensor([correct, seen], dtype=torch.float64, device=args.device)).tolist()
+    correct, seen = all_sum(torch.tensor([correct, seen], dtype=torch.float64)).tolist()
     return {"acc": correct / seen}
 
 
@@ -1011,7 +1031,7 @@ def evaluate_tokenizer(args, tokenizer, teacher):
             save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, "reconstructions.png"))
         n, psnr_sum, cos_sum = n + len(x), psnr_sum + psnr(x_rec, x).sum().item(), cos_sum + cos.mean(1).sum().item()
         counts += torch.bincount(idx.flatten(), minlength=len(counts))
-    n, psnr_sum, cos_sum, hits = all_sum(torch.tensor([n, psnr_sum, cos_sum, hits], dtype=torch.float64, device=args.device)).tolist()
+    n, psnr_sum, cos_sum, hits = all_sum(torch.tensor([n, psnr_sum, cos_sum, hits], dtype=torch.float64)).tolist()
     usage, perplexity = tf.codebook_usage(all_sum(counts))
     return {"psnr": psnr_sum / n, "usage": usage.item(), "perplexity": perplexity.item(), "sem_cos": cos_sum / n,
             **({"recon_acc": hits / n} if teacher.head is not None else {})}
@@ -1167,7 +1187,7 @@ def evaluate_gpt(args, gpt, tokenizer, val):
         correct = (logits.argmax(-1) == idx).double().sum(0).cpu()  # (L,)
         hits.index_add_(0, gpt.level.cpu(), correct)
         counts.index_add_(0, gpt.level.cpu(), torch.full_like(correct, len(idx)))
-    loss, hits, counts = all_sum(torch.cat([loss, hits, counts]).to(args.device)).cpu().split([1, S, S])
+    loss, hits, counts = all_sum(torch.cat([loss, hits, counts])).split([1, S, S])
     if is_main(args):
         rows, _ = sample_grid(args, gpt, tokenizer)
         save_grid(rows, os.path.join(args.out_dir, "gpt_samples.png"))
