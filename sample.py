@@ -13,14 +13,13 @@ Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights)
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
 import tokenflow as tf
-from train import BAD_IMAGE, EVAL_IMAGES, ShapesDataset, psnr, read_rgb, save_grid, tokenizer_id
+from train import BAD_IMAGE, EVAL_IMAGES, ShapesDataset, psnr, read_rgb, run_script, save_grid, tokenizer_id
 
 
 def get_args(argv=None):
@@ -132,8 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)  # bad input: one line on stderr, exit code 2

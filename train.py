@@ -1269,12 +1269,18 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def run_script(main):
+    """A script's main() with its failures as one line on stderr: bad input exits 2, a training
+    run stopped by non-finite losses exits 1."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit code 2
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_script(main)
