@@ -203,7 +203,7 @@ def bench_sample(args):
 
     mine = timed(ours, args.repeats, args.device), peak_mb(ours, args.device)
     shape = dict(images=8, batch_inside=16, L=cfg.seq_len, K=cfg.codebook_size, top_k=kw["top_k"], top_p=kw["top_p"],
-                 gpt=f"width {gpt_cfg.width}, depth {gpt_cfg.depth}, {sum(p.numel() for p in gpt.parameters()) / 1e6:.1f}M",
+                 gpt=f"width {gpt_cfg.width}, depth {gpt_cfg.depth}, {count(gpt) / 1e6:.1f}M",
                  device=args.device)
     report("sample", "floor", mine[0], timed(floor, args.repeats, args.device), mine[1], peak_mb(floor, args.device), **shape)
     report("sample", "no-cache", mine[0], timed(no_cache, args.repeats, args.device), mine[1],
@@ -358,8 +358,7 @@ def gpt_step(cfg, gpt_cfg):
 
 def estimate(per_gpu_batch):
     preset = tf.PRESETS["tokenflow-b"]
-    gpt_cfg = preset["gpt"]
-    gpt_cfg = type(gpt_cfg)(**{**gpt_cfg.__dict__, "num_classes": 1000})
+    gpt_cfg = replace(preset["gpt"], num_classes=1000)
     for stage, fn in (("tokenizer", lambda: tokenizer_step(preset["tokenizer"])),
                       ("gpt", lambda: gpt_step(preset["tokenizer"], gpt_cfg))):
         t0 = time.time()
