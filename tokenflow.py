@@ -71,8 +71,8 @@ class TokenizerConfig:
     pix_dec_res_blocks: int = 2  # the decoder has this + 1 res blocks per level, as VQGAN (enhanced: 4)
     # dual codebook with one shared index
     codebook_size: int = 32768  # K entries in each of the two tables
-    sem_dim: int = 32  # semantic code width
-    pix_dim: int = 8  # pixel code width
+    sem_dim: int = 32  # semantic code width; 0: no semantic half (VQGAN-style, train.py --codebook pixel)
+    pix_dim: int = 8  # pixel code width; 0: no pixel half (VQKD-style: the pixel decoder reads semantic codes)
     pix_weight: float = 1.0  # w in argmin d_sem + w * d_pix (paper: 1.0)
     beta: float = 0.25  # commitment weight in ||sg[z] - q||^2 + beta ||z - sg[q]||^2
     scales: tuple = (1, 2, 4, 6, 8, 10, 12, 14)  # residual VQ sides, coarse to fine; last = grid side
@@ -97,6 +97,9 @@ class TokenizerConfig:
                 f"scales {self.scales} must increase strictly and end at the token grid side "
                 f"{int(n_sem)} (= image_size {self.image_size} / patch_size {self.patch_size})"
             )
+        if min(self.sem_dim, self.pix_dim) < 0 or not self.sem_dim + self.pix_dim:
+            raise ValueError(f"sem_dim {self.sem_dim} and pix_dim {self.pix_dim} must be >= 0 and not both 0 "
+                             "(0 leaves that half of the codes out)")
         if self.vit_stem_ch and (self.vit_stem_ch % 32 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"a conv stem (vit_stem_ch {self.vit_stem_ch}) needs a multiple of 32 channels "
                              f"and a power-of-two patch_size (got {self.patch_size}); or set vit_stem_ch = 0")
@@ -281,13 +284,14 @@ class PixelEncoder(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """(B, pix_dim, n, n) -> (B, 3, H, W). Mirrors the encoder with one extra res block per level."""
+    """(B, pix_dim, n, n) -> (B, 3, H, W). Mirrors the encoder with one extra res block per level.
+    Without a pixel half (pix_dim = 0) it reads the semantic codes (B, sem_dim, n, n) instead."""
 
     def __init__(self, cfg):
         super().__init__()
         chs = [cfg.pix_dec_ch * m for m in cfg.pix_ch_mult][::-1]  # coarse to fine
         c = chs[0]
-        self.from_code = nn.Conv2d(cfg.pix_dim, cfg.z_channels, 1)  # the official `post_quant_conv`
+        self.from_code = nn.Conv2d(cfg.pix_dim or cfg.sem_dim, cfg.z_channels, 1)  # the official `post_quant_conv`
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         layers = [ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]  # 1. middle
         for i, c_out in enumerate(chs):  # 2. up path: attention at the coarsest level
@@ -546,29 +550,37 @@ class TokenFlow(nn.Module):
         super().__init__()
         self.cfg = cfg
         n, D = cfg.grid, cfg.vit_width
+        # TokenFlow has both halves. A half of width 0 is left out, which gives the paper's two
+        # baselines: sem_dim = 0 is a VQGAN-style tokenizer, pix_dim = 0 a VQKD-style one.
+        has_sem = cfg.sem_dim > 0
         # 1. semantic encoder: the teacher's ViT (load its weights before training), then a head
-        self.sem_enc = ViT(3, cfg.patch_size, n, D, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch, cfg.vit_quick_gelu)
-        self.sem_enc_head = mlp_head(D, cfg.sem_dim)
+        self.sem_enc = ViT(3, cfg.patch_size, n, D, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch,
+                           cfg.vit_quick_gelu) if has_sem else None
+        self.sem_enc_head = mlp_head(D, cfg.sem_dim) if has_sem else None
         # 2. pixel encoder: VQGAN CNN ending in pix_dim channels on the same n x n grid
-        self.pix_enc = PixelEncoder(cfg)
+        self.pix_enc = PixelEncoder(cfg) if cfg.pix_dim else None
         # 3. the two codebooks, one index
         self.codebook = DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim, cfg.pix_weight, cfg.beta)
         # 4. semantic decoder: a ViT over the semantic code grid (patch 1), then a head to T
-        self.sem_dec = ViT(cfg.sem_dim, 1, n, D, cfg.sem_dec_depth, cfg.vit_heads)
-        self.sem_dec_head = mlp_head(D, cfg.teacher_dim)
-        # 5. pixel decoder: reads the pixel half only
+        self.sem_dec = ViT(cfg.sem_dim, 1, n, D, cfg.sem_dec_depth, cfg.vit_heads) if has_sem else None
+        self.sem_dec_head = mlp_head(D, cfg.teacher_dim) if has_sem else None
+        # 5. pixel decoder: reads the pixel half only (the semantic codes, if there is no pixel half)
         self.pix_dec = PixelDecoder(cfg)
-        init_weights(self.sem_enc_head)
-        init_weights(self.sem_dec_head)
+        if has_sem:
+            init_weights(self.sem_enc_head)
+            init_weights(self.sem_dec_head)
 
     # -- image -> continuous features -> quantized features (training and encoding)
 
     def features(self, x_B3HW):
         """(B, 3, H, W) in [-1, 1] -> z (B, sem_dim + pix_dim, n, n), not yet normalised."""
-        B, n = x_B3HW.shape[0], self.cfg.grid
-        z_sem = self.sem_enc_head(self.sem_enc(teacher_input(x_B3HW, self.cfg)))  # (B, n*n, sem_dim)
-        z_sem = z_sem.transpose(1, 2).reshape(B, -1, n, n)
-        return torch.cat([z_sem, self.pix_enc(x_B3HW)], dim=1)  # (B, C, n, n)
+        B, n, halves = x_B3HW.shape[0], self.cfg.grid, []
+        if self.sem_enc is not None:
+            z_sem = self.sem_enc_head(self.sem_enc(teacher_input(x_B3HW, self.cfg)))  # (B, n*n, sem_dim)
+            halves.append(z_sem.transpose(1, 2).reshape(B, -1, n, n))
+        if self.pix_enc is not None:
+            halves.append(self.pix_enc(x_B3HW))  # (B, pix_dim, n, n)
+        return torch.cat(halves, dim=1)  # (B, C, n, n)
 
     def train_scales(self):
         """All scales; in training, with p = scale_drop, all but one random scale of index >= 1."""
@@ -613,10 +625,16 @@ class TokenFlow(nn.Module):
             start += s * s
         return f_hat
 
+    def pixel_half(self, f_hat_BCnn):
+        """What the pixel decoder reads: the pixel half, or all codes when there is no pixel half."""
+        return f_hat_BCnn[:, self.cfg.sem_dim:] if self.cfg.pix_dim else f_hat_BCnn
+
     def pixel_decode(self, f_hat_BCnn):
-        return self.pix_dec(f_hat_BCnn[:, self.cfg.sem_dim:])  # (B, 3, H, W), not clamped
+        return self.pix_dec(self.pixel_half(f_hat_BCnn))  # (B, 3, H, W), not clamped
 
     def semantic_decode(self, f_hat_BCnn):
+        if self.sem_dec is None:
+            raise ValueError("this tokenizer has no semantic half (sem_dim = 0: the pixel-only ablation)")
         return self.sem_dec_head(self.sem_dec(f_hat_BCnn[:, :self.cfg.sem_dim]))  # (B, n*n, T)
 
     # -- public interface
@@ -638,10 +656,12 @@ class TokenFlow(nn.Module):
         return self.semantic_decode(self.indices_to_features(idx_BL))
 
     def forward(self, x_B3HW):
-        """Training pass -> reconstruction (B, 3, H, W), decoded semantic features (B, n*n, T) and a
-        dict: vq (loss) and d_sem, d_pix (averaged over scales); usage, perplexity (over all scales' ids)."""
+        """Training pass -> reconstruction (B, 3, H, W), decoded semantic features (B, n*n, T) (None
+        without a semantic half) and a dict: vq (loss) and d_sem, d_pix (averaged over scales);
+        usage, perplexity (over all scales' ids)."""
         f_hat, _, stats = self.quantize(self.features(x_B3HW), self.train_scales())
-        return self.pixel_decode(f_hat), self.semantic_decode(f_hat), stats
+        sem = self.semantic_decode(f_hat) if self.sem_dec is not None else None
+        return self.pixel_decode(f_hat), sem, stats
 
 
 # ---------------------------------------------------------------------------------------------

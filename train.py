@@ -51,6 +51,7 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("tokenflow-b", "gpt"): dict(iters=330_000, batch_size=768, lr=3e-4, ema=0.9999),
 }
 ENHANCED_DECODER = dict(pix_dec_ch=256, pix_dec_res_blocks=4)  # the official enhanced decoder: 237.1M parameters
+CODEBOOKS = {"dual": {}, "pixel": dict(sem_dim=0), "semantic": dict(pix_dim=0)}  # --codebook: a half of width 0 is absent
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
 EVAL_IMAGES = 1024  # held-out images per evaluation
 DEFAULT_CFG = inspect.signature(tf.GPT.generate).parameters["cfg"].default  # recorded with class_acc
@@ -90,6 +91,9 @@ def get_args(argv=None):
     p.add_argument("--disc-weight", type=float, default=0.5, help="weight of the generator's hinge loss")
     p.add_argument("--adaptive-disc-weight", action="store_true",
                    help="also scale it by VQGAN's ratio of reconstruction to GAN gradient norms")
+    p.add_argument("--codebook", default="dual", choices=list(CODEBOOKS),
+                   help="dual: TokenFlow; the paper's baselines under the same budget: pixel: VQGAN-style (pixel "
+                        "codes only), semantic: VQKD-style (semantic codes only, which the pixel decoder reads)")
     p.add_argument("--enhanced-decoder", action="store_true",
                    help="the official enhanced pixel decoder (channels 256, 4 res blocks per level)")
     p.add_argument("--finetune-decoder", action="store_true",
@@ -126,12 +130,8 @@ def get_args(argv=None):
     if args.teacher not in ("toy", "clip-vit-b16") and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy', 'clip-vit-b16' or the path of a teacher "
                 "checkpoint or CLIP weights")
-    if args.dataset == "cifar10" and args.data_path is None:
-        args.data_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar10")
-    if args.dataset != "shapes" and not os.path.isdir(os.path.join(args.data_path or "", "train")):
-        fix = "run python data/cifar10/prepare.py" if args.dataset == "cifar10" else "see data/imagenet/README.md"
-        p.error(f"--dataset {args.dataset} needs --data-path DIR with DIR/train/<class>/<image>; "
-                f"got {args.data_path!r} ({fix})")
+    if error := check_data_path(args):
+        p.error(error)
     if args.ema is not None and not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.finetune_decoder and args.stage != "tokenizer":
@@ -678,6 +678,17 @@ def config_diff(a, b, keys=None):
     return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
 
 
+def check_data_path(args):
+    """Fill in CIFAR-10's default --data-path -> a one-line complaint if a folder dataset is not there, else None."""
+    if args.dataset == "cifar10" and args.data_path is None:
+        args.data_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar10")
+    if args.dataset != "shapes" and not os.path.isdir(os.path.join(args.data_path or "", "train")):
+        fix = "run python data/cifar10/prepare.py" if args.dataset == "cifar10" else "see data/imagenet/README.md"
+        return (f"--dataset {args.dataset} needs --data-path DIR with DIR/train/<class>/<image>; "
+                f"got {args.data_path!r} ({fix})")
+    return None
+
+
 def stages(args):
     """The stages this run trains, in order."""
     if args.finetune_decoder:
@@ -712,13 +723,14 @@ def log(args, text):
         tqdm.write(text)
 
 
-def log_metrics(args, row):
-    """One row of metrics.jsonl and of the console, from rank 0."""
+def log_metrics(args, row, echo=True):
+    """One row of metrics.jsonl and (echo) of the console, from rank 0."""
     if not is_main(args):
         return
     with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
-    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if echo:
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
 def save_grid(rows, path, zoom=3):
@@ -732,6 +744,27 @@ def psnr(x, y):
     """Per-image PSNR in dB of [-1, 1] images, measured on [0, 1] with data range 1."""
     mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per-image SSIM (Wang et al. 2004) of [-1, 1] images, measured on [0, 1] with data range 1:
+    a Gaussian window (11 x 11, sigma 1.5; at most the image side) per channel, no padding,
+    C1 = 0.01^2, C2 = 0.03^2. (The official TokenFlow evaluation passes data range 2.0, which
+    quadruples C1 and C2 for [0, 1] images and so scores higher than the standard definition.)"""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    window, ch = min(window, x.shape[-1]), x.shape[1]
+    g = torch.exp(-((torch.arange(window, device=x.device) - (window - 1) / 2) / sigma) ** 2 / 2)
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(ch, 1, window, window)
+
+    def blur(t):  # the local weighted mean of each channel
+        return F.conv2d(t, kernel, groups=ch)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
 
 
 def make_optimizer(params, lr, args, weight_decay):
@@ -1004,36 +1037,44 @@ def load_teacher(args, cfg):
     diff = config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
                                           "vit_quick_gelu", "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
     if diff:
-        raise ValueError(f"teacher {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
-                         "train a teacher for this preset")
+        raise ValueError(f"teacher {path} vs the tokenizer's config differ in {'; '.join(diff)}; "
+                         "use the teacher of this preset")
     return teacher.to(args.device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def evaluate_tokenizer(args, tokenizer, teacher):
-    """Held-out PSNR, codebook usage and perplexity over all tokens, semantic cosine and, with a toy
-    teacher, how often it classifies the reconstructions right (recon_acc: the most that generated
-    images can score). The tokens go through the real path (encode -> ids -> decode). Under
-    torchrun each rank takes a share of the images and the sums are all-reduced."""
+def evaluate_tokenizer(args, tokenizer, teacher, grid="reconstructions.png"):
+    """Held-out PSNR and SSIM, codebook usage and perplexity (over all tokens, and per scale),
+    semantic cosine to the teacher and, with a toy teacher, how often it classifies the
+    reconstructions right (recon_acc: the most that generated images can score). The tokens go
+    through the real path (encode -> ids -> decode). Under torchrun each rank takes a share of the
+    images and the sums are all-reduced. The first 16 reconstructions go to OUT_DIR/grid."""
     tokenizer.eval()
-    n = psnr_sum = cos_sum = hits = 0.0
-    counts = torch.zeros(tokenizer.cfg.codebook_size, device=args.device)  # code histogram
-    for x, y in eval_loader(rank_share(make_dataset(args, tokenizer.cfg, "val"), args), 128):
+    cfg, has_sem = tokenizer.cfg, tokenizer.sem_dec is not None
+    sums = torch.zeros(5, dtype=torch.float64)  # images, PSNR, SSIM, semantic cosine, teacher hits
+    counts = torch.zeros(len(cfg.scales), cfg.codebook_size, device=args.device)  # code histogram per scale
+    for x, y in eval_loader(rank_share(make_dataset(args, cfg, "val"), args), 128):
         x, y = x.to(args.device), y.to(args.device)
         with autocast_ctx(args):
             idx = tokenizer.encode(x)
             f_hat = tokenizer.indices_to_features(idx)
             x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
-            cos = F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(), teacher.features(x).float(), dim=-1)
-            if teacher.head is not None:
-                hits += (teacher(x_rec).argmax(1) == y).sum().item()
-        if n == 0 and is_main(args):
-            save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, "reconstructions.png"))
-        n, psnr_sum, cos_sum = n + len(x), psnr_sum + psnr(x_rec, x).sum().item(), cos_sum + cos.mean(1).sum().item()
-        counts += torch.bincount(idx.flatten(), minlength=len(counts))
-    n, psnr_sum, cos_sum, hits = all_sum(torch.tensor([n, psnr_sum, cos_sum, hits], dtype=torch.float64)).tolist()
-    usage, perplexity = tf.codebook_usage(all_sum(counts))
-    return {"psnr": psnr_sum / n, "usage": usage.item(), "perplexity": perplexity.item(), "sem_cos": cos_sum / n,
+            cos = F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(), teacher.features(x).float(),
+                                      dim=-1).mean(1) if has_sem else torch.zeros(len(x))
+            hits = (teacher(x_rec).argmax(1) == y).sum().item() if teacher.head is not None else 0
+        if sums[0] == 0 and is_main(args) and grid:
+            save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, grid))
+        sums += torch.tensor([len(x), psnr(x_rec, x).sum().item(), ssim(x_rec, x).sum().item(), cos.sum().item(), hits],
+                             dtype=torch.float64)
+        for k, ids in enumerate(idx.split([s * s for s in cfg.scales], dim=1)):
+            counts[k] += torch.bincount(ids.flatten(), minlength=cfg.codebook_size)
+    (n, psnr_sum, ssim_sum, cos_sum, hits), counts = all_sum(sums).tolist(), all_sum(counts)
+    usage, perplexity = tf.codebook_usage(counts.sum(0))
+    per_scale = [tf.codebook_usage(c) for c in counts]
+    return {"psnr": psnr_sum / n, "ssim": ssim_sum / n, "usage": usage.item(), "perplexity": perplexity.item(),
+            "usage_per_scale": [round(u.item(), 4) for u, _ in per_scale],
+            "perplexity_per_scale": [round(p.item(), 2) for _, p in per_scale],
+            **({"sem_cos": cos_sum / n} if has_sem else {}),
             **({"recon_acc": hits / n} if teacher.head is not None else {})}
 
 
@@ -1099,15 +1140,18 @@ def train_tokenizer(args, cfg):
     teacher = load_teacher(args, cfg)
     torch.manual_seed(args.seed)
     tokenizer = tf.TokenFlow(cfg).to(args.device)
-    tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
+    if tokenizer.sem_enc is not None:
+        tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
     net, path = wrap(args, tokenizer), os.path.join(args.out_dir, "tokenizer.pt")
     lpips, gan = pixel_losses(args, stage_hparams(args, "tokenizer"), path)
 
     def step_fn(x, y, step):
-        with torch.no_grad():
-            target = teacher.features(x)  # (B, n*n, T)
         x_rec, sem, stats = net(x)
         rec, log = reconstruction_loss(args, x_rec, x, step, lpips, gan, tokenizer.pix_dec.conv_out.weight)
+        if sem is None:  # --codebook pixel: no semantic half, no semantic loss
+            return rec + stats["vq"], {**log, "usage": stats["usage"].item()}
+        with torch.no_grad():
+            target = teacher.features(x)  # (B, n*n, T)
         sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()  # TokenFlow's semantic loss
         return rec + sem_loss + stats["vq"], {**log, "sem": sem_loss.item(), "usage": stats["usage"].item()}
 
@@ -1148,7 +1192,7 @@ def finetune_decoder(args, cfg):
     def step_fn(x, y, step):
         with torch.no_grad():
             f_hat, _, _ = tokenizer.quantize(tokenizer.features(x), cfg.scales)
-        return reconstruction_loss(args, net(f_hat[:, cfg.sem_dim:]), x, step, lpips, gan,
+        return reconstruction_loss(args, net(tokenizer.pixel_half(f_hat)), x, step, lpips, gan,
                                    tokenizer.pix_dec.conv_out.weight)
 
     def save_fn(step, state):
@@ -1206,6 +1250,8 @@ def class_accuracy(args, gpt, tokenizer, teacher, cfg, per_class=10):
     with autocast_ctx(args):
         idx = gpt.generate(labels, cfg=cfg, generator=g)
         image = teacher(tokenizer.decode(idx)).argmax(1)
+        if tokenizer.sem_dec is None:  # --codebook pixel: no semantic features to read
+            return (image == labels).float().mean().item(), None
         sem = teacher.head(tokenizer.semantic_features(idx).mean(1)).argmax(1)
     return (image == labels).float().mean().item(), (sem == labels).float().mean().item()
 
@@ -1258,7 +1304,7 @@ def main(argv=None):
     setup_distributed(args)
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
-    cfg = replace(cfg, **ENHANCED_DECODER) if args.enhanced_decoder else cfg
+    cfg = replace(cfg, **CODEBOOKS[args.codebook], **(ENHANCED_DECODER if args.enhanced_decoder else {}))
     run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
            "decoder": lambda: finetune_decoder(args, cfg),
            "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
