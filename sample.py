@@ -51,6 +51,8 @@ def get_args(argv=None):
     p.add_argument("--num-images", type=int, default=None, help="generated images for eval (default: "
                    "--eval-images) and export (default: 50,000); real held-out images for export --ref")
     p.add_argument("--probe-images", type=int, default=4096, help="training images the probes fit")
+    p.add_argument("--pool", default="mean", choices=["mean", "grid"], help="probe features: mean over the token "
+                   "grid, or the whole grid flattened (keeps where things are; n*n times wider)")
     p.add_argument("--ref", action="store_true", help="export real centre-cropped held-out images instead")
     p.add_argument("--batch-size", type=int, default=256, help="images per generation or encoding batch")
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
@@ -154,7 +156,8 @@ def frechet_distance(a_ND, b_MD):
     s_a, s_b = torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(s_a)
     root_a = (v * w.clamp_min(0).sqrt()) @ v.T  # S_a^1/2
-    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    m = root_a @ s_b @ root_a
+    cross = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()  # symmetric up to rounding
     return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
 
 
@@ -192,21 +195,23 @@ def teacher_features(args, teacher, dataset):
 
 @torch.no_grad()
 def code_features(args, tokenizer, teacher, dataset):
-    """The probe's inputs: mean-pooled features of every image of a dataset -> ({kind: (N, d)}, labels (N,)).
-    Kinds: the semantic and the pixel half of the quantized codes (ids -> codes, the real path),
-    both together, and the continuous teacher features."""
-    sem_dim, pix_dim = tokenizer.cfg.sem_dim, tokenizer.cfg.pix_dim
+    """The probe's inputs for every image of a dataset -> ({kind: (N, d)}, labels (N,)). Kinds: the
+    semantic and the pixel half of the quantized codes (ids -> codes, the real path), both together,
+    and the continuous teacher features; each (B, d, n, n) map mean-pooled over the grid
+    (--pool mean) or flattened, position by position (--pool grid)."""
+    sem_dim, pix_dim, n = tokenizer.cfg.sem_dim, tokenizer.cfg.pix_dim, tokenizer.cfg.grid
+    pool = (lambda f: f.mean((2, 3))) if args.pool == "mean" else (lambda f: f.flatten(1))
     feats, labels = {}, []
     for x, y in train.eval_loader(dataset, args.batch_size):
         x = x.to(args.device)
         with train.autocast_ctx(args):
-            f = tokenizer.indices_to_features(tokenizer.encode(x)).float().mean((2, 3)).cpu()  # (B, C)
-            kinds = {"semantic": f[:, :sem_dim] if sem_dim else None, "pixel": f[:, sem_dim:] if pix_dim else None,
-                     "both": f if sem_dim and pix_dim else None,
-                     "teacher": teacher.features(x).float().mean(1).cpu()}
+            f = tokenizer.indices_to_features(tokenizer.encode(x)).float()  # (B, C, n, n)
+            t = teacher.features(x).float().transpose(1, 2).unflatten(2, (n, n))  # (B, T, n, n)
+        kinds = {"semantic": f[:, :sem_dim] if sem_dim else None, "pixel": f[:, sem_dim:] if pix_dim else None,
+                 "both": f if sem_dim and pix_dim else None, "teacher": t}
         for kind, v in kinds.items():
             if v is not None:
-                feats.setdefault(kind, []).append(v)
+                feats.setdefault(kind, []).append(pool(v).cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
@@ -326,7 +331,7 @@ def evaluate(args, view, tokenizer, path):
 
 
 def probe(args, view, tokenizer):
-    """Linear probes on mean-pooled features (see code_features): the class and, on shapes, the
+    """Linear probes on pooled features (see code_features): the class and, on shapes, the
     foreground colour, fit on --probe-images training images, scored on the held-out split."""
     teacher = train.load_teacher(view, tokenizer.cfg)
     fit_set = train.make_dataset(view, tokenizer.cfg, "train", size=args.probe_images, augment=False)
@@ -338,12 +343,12 @@ def probe(args, view, tokenizer):
         targets["colour"] = (*colour, len(train.PALETTE))
     rows = []
     for kind in fit:
-        row = {"stage": "probe", "features": kind, "dim": fit[kind].shape[1]}
+        row = {"stage": "probe", "features": kind, "pool": args.pool, "dim": fit[kind].shape[1]}
         for target, (y_fit, y_val, k) in targets.items():
             row[f"{target}_acc"] = linear_probe(fit[kind], y_fit, val[kind], y_val, k)
         rows.append({**row, "fit_images": len(fit_y), "val_images": len(val_y)})
         train.log_metrics(view, rows[-1], echo=False)
-    print_table(rows, ["features", "dim"] + [f"{t}_acc" for t in targets])
+    print_table(rows, ["features", "pool", "dim"] + [f"{t}_acc" for t in targets])
     return rows
 
 

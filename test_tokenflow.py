@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -1310,3 +1311,113 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(TEACHER_RUN + ["--iters", "6", "--out-dir", str(tmp_path)])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: metrics, probes, export, the codebook ablation
+
+
+def test_psnr_and_ssim_of_identical_and_known_pairs():
+    x = images(3, 16)
+    assert torch.isinf(train.psnr(x, x)).all() and torch.allclose(train.ssim(x, x), torch.ones(3), atol=1e-5)
+    # constant images 0.5 and 0.75 on [0, 1]: MSE 1/16 -> 10 log10(16) dB; SSIM's structure term is
+    # C2 / C2 = 1, so SSIM is the luminance term (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.5)
+    assert abs(train.psnr(a, b).item() - 10 * math.log10(16)) < 1e-4
+    c1 = 0.01**2
+    assert abs(train.ssim(a, b).item() - (2 * 0.5 * 0.75 + c1) / (0.5**2 + 0.75**2 + c1)) < 1e-6
+    # an 11 x 11 image is one window: SSIM from Gaussian-weighted statistics computed here in float64
+    x, y = torch.rand(1, 1, 11, 11, dtype=torch.float64), torch.rand(1, 1, 11, 11, dtype=torch.float64)
+    g = torch.exp(-((torch.arange(11) - 5.0) / 1.5) ** 2 / 2).double()
+    w = torch.outer(g, g) / g.sum() ** 2
+    mx, my = (w * x).sum(), (w * y).sum()
+    vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
+    want = (2 * mx * my + c1) * (2 * cxy + 0.03**2) / ((mx**2 + my**2 + c1) * (vx + vy + 0.03**2))
+    assert abs(train.ssim(x * 2 - 1, y * 2 - 1).item() - want.item()) < 1e-5
+    # more noise, lower scores
+    noisy = [(x + s * torch.randn_like(x)).clamp(-1, 1) for s in (0.05, 0.2, 0.5) for x in [images(2, 16)]]
+    assert (train.ssim(noisy[0], images(2, 16)) > train.ssim(noisy[1], images(2, 16))).all()
+    assert (train.psnr(noisy[1], images(2, 16)) > train.psnr(noisy[2], images(2, 16))).all()
+
+
+def test_frechet_distance_zero_for_the_same_set_and_exact_for_shift_and_scale():
+    a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6) + 1.0
+    assert abs(sample.frechet_distance(a, a)) < 1e-6
+    shift = torch.tensor([3.0, 0, -1, 0, 0, 2])
+    assert abs(sample.frechet_distance(a, a + shift) - 14.0) < 1e-6  # same covariance: |shift|^2
+    # b = 2a: S_b = 4 S_a commutes with S_a, (S_a S_b)^1/2 = 2 S_a -> FD = |mu_a|^2 + tr S_a
+    mu, cov = a.double().mean(0), torch.cov(a.double().T)
+    assert abs(sample.frechet_distance(a, 2 * a) - (mu.square().sum() + cov.trace()).item()) < 1e-6
+    assert sample.frechet_distance(a, a + 0.1) < sample.frechet_distance(a, a + 1.0)
+
+
+def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 10, generator=g) * 3
+    y_fit, y_val = torch.randint(5, (1000,), generator=g), torch.randint(5, (1000,), generator=g)
+    x_fit = centres[y_fit] + torch.randn(1000, 10, generator=g)
+    x_val = centres[y_val] + torch.randn(1000, 10, generator=g)
+    assert sample.linear_probe(x_fit, y_fit, x_val, y_val, 5) > 0.95
+    shuffled = y_val[torch.randperm(1000, generator=g)]  # labels unrelated to the features
+    assert abs(sample.linear_probe(x_fit, y_fit, x_val, shuffled, 5) - 0.2) < 0.05
+    random = torch.randint(10, (2000,), generator=g)  # random labels from the start: chance is 10%
+    x = torch.randn(4000, 16, generator=g)
+    assert abs(sample.linear_probe(x[:2000], random, x[2000:], torch.randint(10, (2000,), generator=g), 10) - 0.1) < 0.03
+
+
+@pytest.mark.parametrize("codebook", ["pixel", "semantic"])
+def test_ablation_tokenizers_have_one_half_and_its_nearest_codes(codebook):
+    """pixel: no semantic encoder or decoder; semantic: no pixel encoder, the pixel decoder reads the
+    semantic codes and its loss reaches the semantic encoder. Either way the ids of every scale are
+    the brute-force nearest codes of that one table."""
+    cfg = replace(TINY, **train.CODEBOOKS[codebook])
+    torch.manual_seed(0)
+    model = tf.TokenFlow(cfg)
+    x = images(2)
+    x_rec, sem, stats = model(x)
+    assert x_rec.shape == x.shape and model.features(x).shape[1] == cfg.sem_dim + cfg.pix_dim
+    if codebook == "pixel":
+        assert model.sem_enc is None and model.sem_dec is None and sem is None and stats["d_sem"] == 0
+        with pytest.raises(ValueError, match="no semantic half"):
+            model.semantic_features(model.encode(x))
+    else:
+        assert model.pix_enc is None and sem.shape == (2, cfg.grid**2, cfg.teacher_dim) and stats["d_pix"] == 0
+        x_rec.square().mean().backward()
+        assert model.sem_enc.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    table = F.normalize((model.codebook.pix if codebook == "pixel" else model.codebook.sem).double(), dim=1)
+    residual = model.features(x).detach()
+    for s, idx in zip(cfg.scales, model.encode(x).split([s * s for s in cfg.scales], dim=1)):
+        r = F.normalize(F.interpolate(residual, size=(s, s), mode="area").permute(0, 2, 3, 1).flatten(0, 2), dim=1)
+        assert torch.equal(idx.flatten(), torch.cdist(r.double(), table).argmin(1))
+        q = model.codebook.lookup(idx).view(2, s, s, -1).permute(0, 3, 1, 2)
+        residual = residual - tf.upsample(q, cfg.grid)
+
+
+def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
+    out, _ = toy_run
+    flags = ["--out-dir", out, "--eval-images", "64", "--num-images", "24", "--batch-size", "16"]
+    before = len(open(os.path.join(out, "metrics.jsonl")).readlines())
+    val, *generated = sample.main(["eval", *flags])
+    assert val["split"] == "val" and np.isfinite(val["psnr"]) and 0 < val["ssim"] <= 1
+    assert len(val["usage_per_scale"]) == len(val["perplexity_per_scale"]) == 5 and 0 < val["usage"] <= 1
+    assert [g["cfg"] for g in generated] == [0.0, train.DEFAULT_CFG]
+    for g in generated:
+        assert g["images"] == 24 and g["fd_teacher"] > 0 and 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")).readlines()[before:]]
+    assert rows == json.loads(json.dumps([val, *generated]))  # one JSON line per metric set
+    probes = sample.main(["probe", *flags, "--probe-images", "64"])
+    assert [p["features"] for p in probes] == ["semantic", "pixel", "both", "teacher"]
+    assert [p["dim"] for p in probes] == [32, 8, 40, 64]
+    assert all(0 <= p["class_acc"] <= 1 and 0 <= p["colour_acc"] <= 1 for p in probes)
+    npz = sample.main(["export", *flags, "--out", str(tmp_path / "samples.npz")])
+    arr = np.load(npz)
+    assert arr["arr_0"].shape == (24, 32, 32, 3) and arr["arr_0"].dtype == np.uint8
+    assert np.bincount(arr["arr_1"]).tolist() == [3] * 8  # class-balanced
+    ref = np.load(sample.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
+    x, y = zip(*train.ShapesDataset(24, 32, 0, "val").__getitems__(range(24)))
+    assert np.array_equal(ref["arr_0"], sample.to_uint8(torch.stack(x))) and ref["arr_1"].tolist() == list(y)
+    for split in ("train", "val"):
+        image_folder(str(tmp_path / "d" / split))  # 9 images: fewer than asked for
+    with pytest.raises(ValueError, match="held-out split has 9 images"):
+        sample.main(["export", "--ref", "--dataset", "folder", "--data-path", str(tmp_path / "d"), *flags])

@@ -741,9 +741,9 @@ def save_grid(rows, path, zoom=3):
 
 
 def psnr(x, y):
-    """Per-image PSNR in dB of [-1, 1] images, measured on [0, 1] with data range 1."""
+    """Per-image PSNR in dB of [-1, 1] images, measured on [0, 1] with data range 1 (inf if identical)."""
     mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+    return -10 * torch.log10(mse)
 
 
 def ssim(x, y, window=11, sigma=1.5):
@@ -751,9 +751,11 @@ def ssim(x, y, window=11, sigma=1.5):
     a Gaussian window (11 x 11, sigma 1.5; at most the image side) per channel, no padding,
     C1 = 0.01^2, C2 = 0.03^2. (The official TokenFlow evaluation passes data range 2.0, which
     quadruples C1 and C2 for [0, 1] images and so scores higher than the standard definition.)"""
-    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    if x.device.type == "mps":  # MPS has no float64
+        x, y = x.cpu(), y.cpu()
+    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2  # float64: E[x^2] - E[x]^2 cancels badly in float32
     window, ch = min(window, x.shape[-1]), x.shape[1]
-    g = torch.exp(-((torch.arange(window, device=x.device) - (window - 1) / 2) / sigma) ** 2 / 2)
+    g = torch.exp(-((torch.arange(window, device=x.device, dtype=x.dtype) - (window - 1) / 2) / sigma) ** 2 / 2)
     g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).expand(ch, 1, window, window)
 
@@ -764,7 +766,7 @@ def ssim(x, y, window=11, sigma=1.5):
     var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
     c1, c2 = 0.01**2, 0.03**2
     s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1)
+    return s.flatten(1).mean(1).float()
 
 
 def make_optimizer(params, lr, args, weight_decay):
