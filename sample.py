@@ -10,10 +10,12 @@ Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
     python sample.py eval                              # held-out PSNR, SSIM, usage, ...; class_acc, FD-teacher
     python sample.py probe                             # linear probes on each half of the codes
     python sample.py export --num-images 50000         # out/samples.npz for the ADM evaluation suite (gFID, IS)
-    python sample.py export --ref --num-images 50000   # out/reference.npz: real held-out images (rFID)
+    python sample.py export --ref --num-images 50000   # out/reference.npz: real held-out images
+    python sample.py export --recon --num-images 50000 # out/reconstructions.npz: the same, reconstructed (rFID)
 
-Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights); eval and probe
-also read the teacher (--teacher, as in train.py) and the held-out split of the tokenizer's dataset.
+Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights); eval, probe and
+export --ref/--recon also read the teacher and the data the tokenizer was trained with (its checkpoint
+names them; --teacher, --dataset and --data-path override).
 """
 
 import argparse
@@ -40,10 +42,10 @@ def get_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt; "
                    "OUT_DIR/decoder.pt after train.py --finetune-decoder: the same ids, its own pixel decoder)")
     p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, reconstructions_"
-                   "sample.png, ids.npy, decoded.png, samples.npz or reference.npz, by mode)")
+                   "sample.png, ids.npy, decoded.png, samples.npz, reference.npz or reconstructions.npz)")
     # eval, probe, export: the held-out split of the tokenizer's dataset, as train.py builds it
-    p.add_argument("--teacher", default="toy", help="eval, probe: 'toy' (OUT_DIR/teacher.pt), 'clip-vit-b16' or a "
-                   "path, as train.py --teacher")
+    p.add_argument("--teacher", default=None, help="eval, probe: 'toy' (OUT_DIR/teacher.pt), 'clip-vit-b16' or a "
+                   "path, as train.py --teacher (default: the tokenizer's)")
     p.add_argument("--dataset", default=None, choices=["shapes", "folder", "imagenet", "cifar10"],
                    help="default: the one the tokenizer was trained on (its checkpoint says)")
     p.add_argument("--data-path", default=None, help="root of a folder dataset (default: the tokenizer's)")
@@ -52,8 +54,10 @@ def get_args(argv=None):
                    "--eval-images) and export (default: 50,000); real held-out images for export --ref")
     p.add_argument("--probe-images", type=int, default=4096, help="training images the probes fit")
     p.add_argument("--pool", default="mean", choices=["mean", "grid"], help="probe features: mean over the token "
-                   "grid, or the whole grid flattened (keeps where things are; n*n times wider)")
-    p.add_argument("--ref", action="store_true", help="export real centre-cropped held-out images instead")
+                   "grid, or the whole grid flattened (keeps where things are; n*n times wider: toy sizes)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--ref", action="store_true", help="export real centre-cropped held-out images instead")
+    what.add_argument("--recon", action="store_true", help="export the tokenizer's reconstructions of them instead")
     p.add_argument("--batch-size", type=int, default=256, help="images per generation or encoding batch")
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
     p.add_argument("--classes", type=int, nargs="+", default=None,
@@ -70,7 +74,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler: the same seed gives the same images")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype of eval's forward passes")
+                   help="autocast dtype of the forward passes of eval, probe and export")
     args = p.parse_args(argv)
     try:
         args.refine = [(int(k), float(q)) for k, q in (pair.split(",") for pair in args.refine or [])] or None
@@ -88,6 +92,10 @@ def get_args(argv=None):
         p.error("decode takes exactly one .npy file of ids")
     if args.mode == "encode" and not args.inputs:
         p.error("encode takes one or more image files")
+    if (args.ref or args.recon) and args.mode != "export":
+        p.error("--ref and --recon choose what export writes; use them with export")
+    if args.pool != "mean" and args.mode != "probe":
+        p.error("--pool is for probe")
     return args
 
 
@@ -128,7 +136,8 @@ def generated_batches(args, gpt, tokenizer, labels, **options):
     for y in labels.to(args.device).split(args.batch_size):
         with train.autocast_ctx(args):
             ids = gpt.generate(y, generator=g, **options)
-            yield y, ids, tokenizer.decode(ids).float()
+            x = tokenizer.decode(ids).float()
+        yield y, ids, x
 
 
 def to_uint8(x_B3HW):
@@ -148,10 +157,10 @@ def save_npz(path, **arrays):
 
 
 def frechet_distance(a_ND, b_MD):
-    """Frechet distance between Gaussians fitted to two feature sets, FID's formula (Heusel et al.
-    2017): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). tr (S_a S_b)^1/2 is the sum of the
-    square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, which is symmetric PSD: two eigh calls
-    in float64 instead of scipy's sqrtm."""
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D), FID's formula
+    (Heusel et al. 2017): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). tr (S_a S_b)^1/2 is the
+    sum of the square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, which is symmetric PSD: two
+    eigh calls in float64 instead of scipy's sqrtm."""
     a, b = a_ND.double(), b_MD.double()
     s_a, s_b = torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(s_a)
@@ -228,20 +237,21 @@ def print_table(rows, columns):
 
 
 def data_view(args, ckpt):
-    """The flags train.py's helpers read: this command's, with the dataset, data path and seed the
-    tokenizer was trained with where not given (the shapes held-out split depends on the seed)."""
+    """The flags train.py's helpers read: this command's, with the teacher, dataset, data path and
+    seed the tokenizer was trained with where not given (the shapes held-out split depends on the seed)."""
     trained = ckpt.get("args", {})
     view = argparse.Namespace(**vars(args), rank=0, world_size=1)
+    view.teacher = args.teacher or trained.get("teacher", "toy")
     view.dataset = args.dataset or trained.get("dataset", "shapes")
     same = view.dataset == trained.get("dataset")
     view.data_path = args.data_path or (trained.get("data_path") if same else None)
     view.seed = trained.get("seed", 0) if same else 0
-    if error := train.check_data_path(view):
+    if error := train.resolve_data_path(view):
         raise ValueError(error)
     return view
 
 
-def generate(args, tokenizer, out):
+def generate(args, ckpt, tokenizer, out):
     gpt = load_gpt(args, tokenizer)
     classes = args.classes if args.classes is not None else list(range(gpt.cfg.num_classes))
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
@@ -252,13 +262,13 @@ def generate(args, tokenizer, out):
     return out
 
 
-def reconstruct(args, tokenizer, out):
+def reconstruct(args, ckpt, tokenizer, out):
     if args.inputs:
         x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
-    else:  # the first 16 held-out shapes, as train.py evaluates
-        x = torch.stack([im for im, _ in ShapesDataset(EVAL_IMAGES, tokenizer.cfg.image_size, 0, "val")
-                         .__getitems__(range(16))])
-        names = [f"shapes val {i}" for i in range(16)]
+    else:  # the first 16 held-out images, as train.py evaluates
+        held_out = train.make_dataset(data_view(args, ckpt), tokenizer.cfg, "val")
+        x = next(iter(train.eval_loader(held_out, 16)))[0]
+        names = [f"held-out image {i}" for i in range(len(x))]
     x_rec = tokenizer.decode(tokenizer.encode(x.to(args.device)))
     for name, db in zip(names, psnr(x_rec, x.to(args.device)).tolist()):
         print(f"{db:6.2f} dB  {name}")
@@ -267,14 +277,14 @@ def reconstruct(args, tokenizer, out):
     return out
 
 
-def encode(args, tokenizer, out):
+def encode(args, ckpt, tokenizer, out):
     ids = tokenizer.encode(load_images(args.inputs, tokenizer.cfg.image_size).to(args.device))
     np.save(out, ids.cpu().numpy())
     print(f"wrote {out}: ids {tuple(ids.shape)} for scales {tokenizer.cfg.scales}")
     return out
 
 
-def decode(args, tokenizer, out):
+def decode(args, ckpt, tokenizer, out):
     try:
         ids = np.load(args.inputs[0], allow_pickle=False)
     except (OSError, ValueError) as e:  # a PNG or a pickled array ends here: we never unpickle
@@ -289,36 +299,47 @@ def decode(args, tokenizer, out):
 
 
 @torch.no_grad()
-def evaluate(args, view, tokenizer, path):
-    """The tokenizer on the held-out split; then, if OUT_DIR/gpt.pt exists, N generated images at cfg 0
-    and at the guided setting: class_acc (the teacher's head agrees with the requested class, on the
-    image and on the semantic features of the same ids) and FD-teacher (Frechet distance between
-    mean-pooled teacher features of the generated and of the held-out images). fd_teacher_real is
-    the FD of as many real training images: what a perfect generator scores at this N."""
+def generated_row(args, gpt, tokenizer, teacher, real, cfg):
+    """--num-images class-balanced samples at guidance cfg -> FD-teacher against the held-out
+    features `real` and, with a toy teacher, class_acc (its head on the image) and sem_class_acc
+    (its head on the semantic features decoded from the same ids)."""
+    n = args.num_images or args.eval_images
+    labels = torch.arange(n) % gpt.cfg.num_classes
+    feats, hits, sem_hits = [], 0, 0
+    for y, ids, x in generated_batches(args, gpt, tokenizer, labels, **{**sampling_options(args), "cfg": cfg}):
+        f = teacher.features(x).float().mean(1)  # (b, T)
+        feats.append(f.cpu())
+        if teacher.head is not None:
+            hits += (teacher.head(f).argmax(1) == y).sum().item()
+            if tokenizer.sem_dec is not None:
+                sem_hits += (teacher.head(tokenizer.semantic_features(ids).float().mean(1)).argmax(1) == y).sum().item()
+    row = {"stage": "eval", "split": "generated", "cfg": cfg, "images": n,
+           "fd_teacher": frechet_distance(torch.cat(feats), real)}
+    if teacher.head is not None:
+        row["class_acc"] = hits / n
+        if tokenizer.sem_dec is not None:
+            row["sem_class_acc"] = sem_hits / n
+    return row
+
+
+def evaluate(args, ckpt, tokenizer, out):
+    """The tokenizer on the held-out split (train.evaluate_tokenizer); then, if OUT_DIR/gpt.pt exists,
+    generated images at cfg 0 and at the guided setting (generated_row). FD-teacher is measured in
+    the teacher's feature space, the one the semantic half is trained to reproduce, so it suits these
+    tokenizers more than an independent network would. fd_teacher_real is the FD of as many real
+    training images: what a perfect generator scores at this sample size."""
+    view = data_view(args, ckpt)
     teacher = train.load_teacher(view, tokenizer.cfg)
-    rows = [{"stage": "eval", "split": "val", "tokenizer": path,
-             **train.evaluate_tokenizer(view, tokenizer, teacher, grid=None)}]
+    rows = [{"stage": "eval", "split": "val", "tokenizer": args.tokenizer_path,
+             **train.evaluate_tokenizer(view, tokenizer, teacher, grid_png=None)}]
     if os.path.exists(os.path.join(args.out_dir, "gpt.pt")):
-        gpt, cfg = load_gpt(args, tokenizer), sampling_options(args).pop("cfg", train.DEFAULT_CFG)
+        gpt = load_gpt(args, tokenizer)
         real, _ = teacher_features(view, teacher, train.make_dataset(view, tokenizer.cfg, "val"))
-        n = args.num_images or args.eval_images
-        floor = frechet_distance(teacher_features(view, teacher, train.make_dataset(
-            view, tokenizer.cfg, "train", size=n, augment=False))[0], real)
-        labels = torch.arange(n) % gpt.cfg.num_classes  # class-balanced
-        for c in (0.0, cfg):
-            feats, hits, sem_hits = [], 0, 0
-            for y, ids, x in generated_batches(args, gpt, tokenizer, labels, **{**sampling_options(args), "cfg": c}):
-                f = teacher.features(x).float().mean(1)  # (b, T)
-                feats.append(f.cpu())
-                if teacher.head is not None:
-                    hits += (teacher.head(f).argmax(1) == y).sum().item()
-                    if tokenizer.sem_dec is not None:
-                        sem_f = tokenizer.semantic_features(ids).float().mean(1)
-                        sem_hits += (teacher.head(sem_f).argmax(1) == y).sum().item()
-            rows.append({"stage": "eval", "split": "generated", "cfg": c, "images": n,
-                         "fd_teacher": frechet_distance(torch.cat(feats), real), "fd_teacher_real": floor,
-                         **({"class_acc": hits / n} if teacher.head is not None else {}),
-                         **({"sem_class_acc": sem_hits / n} if teacher.head is not None and tokenizer.sem_dec else {})})
+        real_train = train.make_dataset(view, tokenizer.cfg, "train", size=args.num_images or args.eval_images,
+                                        augment=False)
+        floor = frechet_distance(teacher_features(view, teacher, real_train)[0], real)
+        for cfg in dict.fromkeys((0.0, sampling_options(args).get("cfg", train.DEFAULT_CFG))):
+            rows.append({**generated_row(args, gpt, tokenizer, teacher, real, cfg), "fd_teacher_real": floor})
     else:
         print(f"no {args.out_dir}/gpt.pt: the tokenizer only")
     for row in rows:
@@ -330,9 +351,10 @@ def evaluate(args, view, tokenizer, path):
     return rows
 
 
-def probe(args, view, tokenizer):
+def probe(args, ckpt, tokenizer, out):
     """Linear probes on pooled features (see code_features): the class and, on shapes, the
     foreground colour, fit on --probe-images training images, scored on the held-out split."""
+    view = data_view(args, ckpt)
     teacher = train.load_teacher(view, tokenizer.cfg)
     fit_set = train.make_dataset(view, tokenizer.cfg, "train", size=args.probe_images, augment=False)
     val_set = train.make_dataset(view, tokenizer.cfg, "val")
@@ -344,57 +366,61 @@ def probe(args, view, tokenizer):
     rows = []
     for kind in fit:
         row = {"stage": "probe", "features": kind, "pool": args.pool, "dim": fit[kind].shape[1]}
-        for target, (y_fit, y_val, k) in targets.items():
-            row[f"{target}_acc"] = linear_probe(fit[kind], y_fit, val[kind], y_val, k)
+        with torch.enable_grad():  # the probes train
+            for target, (y_fit, y_val, k) in targets.items():
+                row[f"{target}_acc"] = linear_probe(*(t.to(args.device) for t in (fit[kind], y_fit, val[kind], y_val)), k)
         rows.append({**row, "fit_images": len(fit_y), "val_images": len(val_y)})
         train.log_metrics(view, rows[-1], echo=False)
     print_table(rows, ["features", "pool", "dim"] + [f"{t}_acc" for t in targets])
     return rows
 
 
-def export(args, view, tokenizer, out):
-    """N class-balanced generated images, or with --ref N real centre-cropped held-out images, as
-    uint8 (N, H, W, 3) under the key arr_0 (labels under arr_1): the .npz layout of the ADM
-    evaluation suite (Dhariwal & Nichol 2021), which VAR and LlamaGen report gFID and IS with."""
+def export(args, ckpt, tokenizer, out):
+    """N class-balanced generated images or, with --ref, N real centre-cropped held-out images (with
+    --recon, their reconstructions, for rFID against --ref) as uint8 (N, H, W, 3) under the key arr_0,
+    labels under arr_1: the .npz layout of the ADM evaluation suite (Dhariwal & Nichol 2021,
+    https://github.com/openai/guided-diffusion/tree/main/evaluations), which VAR and LlamaGen report
+    FID and IS with."""
     n, size = args.num_images or 50_000, tokenizer.cfg.image_size
     images, labels = np.empty((n, size, size, 3), np.uint8), np.empty(n, np.int64)
-    if args.ref:
+    if args.ref or args.recon:
+        view = data_view(args, ckpt)
         view.eval_images = n
         dataset = train.make_dataset(view, tokenizer.cfg, "val")
         if len(dataset) < n:
             raise ValueError(f"the held-out split has {len(dataset)} images; ask for --num-images {len(dataset)} or fewer")
-        batches = ((y, None, x) for x, y in train.eval_loader(dataset, args.batch_size))
+        batches = ((y, x.to(args.device)) for x, y in train.eval_loader(dataset, args.batch_size))
+        if args.recon:
+            batches = ((y, tokenizer.decode(tokenizer.encode(x))) for y, x in batches)
     else:
         gpt = load_gpt(args, tokenizer)
-        batches = generated_batches(args, gpt, tokenizer, torch.arange(n) % gpt.cfg.num_classes,
-                                    **sampling_options(args))
+        labels_n = torch.arange(n) % gpt.cfg.num_classes
+        batches = ((y, x) for y, _, x in generated_batches(args, gpt, tokenizer, labels_n, **sampling_options(args)))
     start = 0
-    for y, _, x in batches:
+    for y, x in batches:
         images[start:start + len(x)], labels[start:start + len(x)] = to_uint8(x), y.cpu().numpy()
         start += len(x)
     save_npz(out, arr_0=images, arr_1=labels)
-    print(f"wrote {out}: arr_0 {images.shape} uint8 ({'real held-out' if args.ref else 'generated'}), arr_1 labels")
+    kind = "real held-out" if args.ref else "reconstructed held-out" if args.recon else "generated"
+    print(f"wrote {out}: arr_0 {images.shape} uint8 ({kind} images), arr_1 labels")
     return out
+
+
+MODES = {"generate": (generate, "samples.png"), "reconstruct": (reconstruct, "reconstructions_sample.png"),
+         "encode": (encode, "ids.npy"), "decode": (decode, "decoded.png"), "eval": (evaluate, None),
+         "probe": (probe, None), "export": (export, "samples.npz")}
 
 
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    path = args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt")
-    tokenizer, ckpt = tf.load_model(path, "tokenizer")
+    args.tokenizer_path = args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt")
+    tokenizer, ckpt = tf.load_model(args.tokenizer_path, "tokenizer")
     tokenizer = tokenizer.to(args.device).eval()
-    default_out = {"generate": "samples.png", "reconstruct": "reconstructions_sample.png", "encode": "ids.npy",
-                   "decode": "decoded.png", "export": "reference.npz" if args.ref else "samples.npz"}
-    out = args.out or os.path.join(args.out_dir, default_out.get(args.mode, ""))
-    if args.mode == "eval":
-        return evaluate(args, data_view(args, ckpt), tokenizer, path)
-    if args.mode == "probe":
-        with torch.enable_grad():  # the probes train
-            return probe(args, data_view(args, ckpt), tokenizer)
-    if args.mode == "export":
-        return export(args, data_view(args, ckpt), tokenizer, out)
-    return {"generate": generate, "reconstruct": reconstruct, "encode": encode, "decode": decode}[args.mode](
-        args, tokenizer, out)
+    run, default_out = MODES[args.mode]
+    if args.mode == "export" and (args.ref or args.recon):
+        default_out = "reference.npz" if args.ref else "reconstructions.npz"
+    return run(args, ckpt, tokenizer, args.out or (default_out and os.path.join(args.out_dir, default_out)))
 
 
 if __name__ == "__main__":

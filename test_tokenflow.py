@@ -785,10 +785,23 @@ def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     (["--grad-accum", "0"], "--grad-accum must be > 0"),
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--finetune-decoder"], "add --stage tokenizer"),
+    (["--codebook", "both"], "invalid choice"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--pool", "grid"], "--pool is for probe"),
+    (["generate", "--ref"], "use them with export"),
+    (["export", "--ref", "--recon"], "not allowed with argument"),
+    (["eval", "--num-images", "0"], "--num-images must be >= 1"),
+])
+def test_bad_sample_flags_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.get_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -1368,8 +1381,8 @@ def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_label
 @pytest.mark.parametrize("codebook", ["pixel", "semantic"])
 def test_ablation_tokenizers_have_one_half_and_its_nearest_codes(codebook):
     """pixel: no semantic encoder or decoder; semantic: no pixel encoder, the pixel decoder reads the
-    semantic codes and its loss reaches the semantic encoder. Either way the ids of every scale are
-    the brute-force nearest codes of that one table."""
+    semantic codes but its loss does not train them (VQKD learns from the teacher alone). Either way
+    the ids of every scale are the brute-force nearest codes of that one table."""
     cfg = replace(TINY, **train.CODEBOOKS[codebook])
     torch.manual_seed(0)
     model = tf.TokenFlow(cfg)
@@ -1383,6 +1396,9 @@ def test_ablation_tokenizers_have_one_half_and_its_nearest_codes(codebook):
     else:
         assert model.pix_enc is None and sem.shape == (2, cfg.grid**2, cfg.teacher_dim) and stats["d_pix"] == 0
         x_rec.square().mean().backward()
+        assert model.sem_enc.blocks[0].attn.qkv.weight.grad is None and model.codebook.sem.grad is None
+        assert model.pix_dec.conv_out.weight.grad.abs().sum() > 0
+        sem.square().mean().backward()  # the semantic loss does train them
         assert model.sem_enc.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     model.eval()
     table = F.normalize((model.codebook.pix if codebook == "pixel" else model.codebook.sem).double(), dim=1)
@@ -1402,8 +1418,9 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     assert val["split"] == "val" and np.isfinite(val["psnr"]) and 0 < val["ssim"] <= 1
     assert len(val["usage_per_scale"]) == len(val["perplexity_per_scale"]) == 5 and 0 < val["usage"] <= 1
     assert [g["cfg"] for g in generated] == [0.0, train.DEFAULT_CFG]
-    for g in generated:
-        assert g["images"] == 24 and g["fd_teacher"] > 0 and 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1
+    for g in generated:  # a GPT after 2 steps is far from the real images
+        assert g["images"] == 24 and g["fd_teacher"] > g["fd_teacher_real"] > 0
+        assert 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")).readlines()[before:]]
     assert rows == json.loads(json.dumps([val, *generated]))  # one JSON line per metric set
     probes = sample.main(["probe", *flags, "--probe-images", "64"])
@@ -1417,7 +1434,53 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     ref = np.load(sample.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
     x, y = zip(*train.ShapesDataset(24, 32, 0, "val").__getitems__(range(24)))
     assert np.array_equal(ref["arr_0"], sample.to_uint8(torch.stack(x))) and ref["arr_1"].tolist() == list(y)
+    recon = np.load(sample.main(["export", "--recon", *flags, "--out", str(tmp_path / "recon.npz")]))
+    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    assert np.array_equal(recon["arr_0"], sample.to_uint8(tokenizer.decode(tokenizer.encode(torch.stack(x)))))
+    assert len(sample.main(["eval", *flags, "--cfg", "0"])) == 2  # cfg 0 is evaluated once
     for split in ("train", "val"):
         image_folder(str(tmp_path / "d" / split))  # 9 images: fewer than asked for
     with pytest.raises(ValueError, match="held-out split has 9 images"):
         sample.main(["export", "--ref", "--dataset", "folder", "--data-path", str(tmp_path / "d"), *flags])
+
+
+@pytest.mark.parametrize("codebook", ["pixel", "semantic"])
+def test_one_half_tokenizers_train_and_evaluate_end_to_end(toy_run, tmp_path, codebook):
+    """--codebook pixel / semantic through the tokenizer and GPT stages under another seed, then eval,
+    probe and export --ref, which take the teacher, data and seed from the tokenizer's checkpoint."""
+    out, _ = toy_run
+    run, teacher = str(tmp_path / codebook), os.path.join(out, "teacher.pt")
+    common = ["--codebook", codebook, "--teacher", teacher, "--out-dir", run, "--iters", "1", "--seed", "3",
+              "--eval-images", "32"]
+    train.main(["--stage", "tokenizer", *common])
+    train.main(["--stage", "gpt", *common, "--token-images", "64"])
+    with pytest.raises(ValueError, match="--codebook"):  # the GPT stage without it names the flag
+        train.main(["--stage", "gpt", "--teacher", teacher, "--out-dir", run, "--iters", "1"])
+    last = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][-1]
+    assert (last["sem_class_acc"] is None) == (codebook == "pixel")
+    flags = ["--out-dir", run, "--eval-images", "32", "--num-images", "16", "--batch-size", "16"]
+    val, *generated = sample.main(["eval", *flags])
+    assert ("sem_cos" in val) == (codebook == "semantic") and len(generated) == 2
+    assert all(("sem_class_acc" in g) == (codebook == "semantic") and "class_acc" in g for g in generated)
+    probes = sample.main(["probe", *flags, "--probe-images", "32"])
+    assert [p["features"] for p in probes] == [codebook, "teacher"]
+    ref = np.load(sample.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
+    x, _ = zip(*train.ShapesDataset(16, 32, 3, "val").__getitems__(range(16)))  # seed 3's held-out split
+    assert np.array_equal(ref["arr_0"], sample.to_uint8(torch.stack(x)))
+
+
+def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():
+    spec = importlib.util.spec_from_file_location("results", os.path.join(HERE, "data", "shapes", "results.py"))
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    val = {"psnr": 23.0, "ssim": 0.65, "usage": 1.0, "perplexity": 270.0, "recon_acc": 0.5}
+    gen = {"images": 8, "cfg": 0.0, "class_acc": 0.25, "sem_class_acc": 0.5, "fd_teacher": 9.0, "fd_teacher_real": 0.3}
+    probe = lambda kinds: [{"features": k, "class_acc": 0.5, "colour_acc": 0.25} for k in kinds]
+    rows = {"dual": {"eval": [{**val, "sem_cos": 0.9}, gen], "mean": probe(results.PROBE_KINDS),
+                     "grid": probe(results.PROBE_KINDS)},
+            "pixel": {"eval": [val], "mean": probe(["pixel", "teacher"]), "grid": probe(["pixel", "teacher"])}}
+    lines = results.table(rows).splitlines()
+    assert lines[2].startswith("| dual | 23.00 | 0.650 | 100.0% | 270 | 0.900 | 50.0 | 50.0 / 50.0 / 50.0 / 50.0 |")
+    assert lines[3].startswith("| pixel | 23.00 | 0.650 | 100.0% | 270 | – | 50.0 | – / 50.0 / – / 50.0 | "
+                               "– / 25.0 / – / 25.0 |")
+    assert lines[-1] == "| 8 samples | 0 | 25.0 | 50.0 | 9.0 | 0.30 |"

@@ -72,7 +72,7 @@ class TokenizerConfig:
     # dual codebook with one shared index
     codebook_size: int = 32768  # K entries in each of the two tables
     sem_dim: int = 32  # semantic code width; 0: no semantic half (VQGAN-style, train.py --codebook pixel)
-    pix_dim: int = 8  # pixel code width; 0: no pixel half (VQKD-style: the pixel decoder reads semantic codes)
+    pix_dim: int = 8  # pixel code width; 0: no pixel half (VQKD-style; the pixel decoder reads semantic codes)
     pix_weight: float = 1.0  # w in argmin d_sem + w * d_pix (paper: 1.0)
     beta: float = 0.25  # commitment weight in ||sg[z] - q||^2 + beta ||z - sg[q]||^2
     scales: tuple = (1, 2, 4, 6, 8, 10, 12, 14)  # residual VQ sides, coarse to fine; last = grid side
@@ -551,7 +551,8 @@ class TokenFlow(nn.Module):
         self.cfg = cfg
         n, D = cfg.grid, cfg.vit_width
         # TokenFlow has both halves. A half of width 0 is left out, which gives the paper's two
-        # baselines: sem_dim = 0 is a VQGAN-style tokenizer, pix_dim = 0 a VQKD-style one.
+        # baselines: sem_dim = 0 is a VQGAN-style tokenizer, pix_dim = 0 a VQKD-style one (plus a
+        # pixel decoder that reads its codes, as the paper's Fig. 8 decodes VQKD's).
         has_sem = cfg.sem_dim > 0
         # 1. semantic encoder: the teacher's ViT (load its weights before training), then a head
         self.sem_enc = ViT(3, cfg.patch_size, n, D, cfg.vit_depth, cfg.vit_heads, cfg.vit_stem_ch,
@@ -626,8 +627,9 @@ class TokenFlow(nn.Module):
         return f_hat
 
     def pixel_half(self, f_hat_BCnn):
-        """What the pixel decoder reads: the pixel half, or all codes when there is no pixel half."""
-        return f_hat_BCnn[:, self.cfg.sem_dim:] if self.cfg.pix_dim else f_hat_BCnn
+        """What the pixel decoder reads: the pixel half or, without one, the semantic codes with their
+        gradient stopped: a VQKD tokenizer learns from the teacher alone, its pixel decoder reads it."""
+        return f_hat_BCnn[:, self.cfg.sem_dim:] if self.cfg.pix_dim else f_hat_BCnn.detach()
 
     def pixel_decode(self, f_hat_BCnn):
         return self.pix_dec(self.pixel_half(f_hat_BCnn))  # (B, 3, H, W), not clamped

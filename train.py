@@ -93,7 +93,8 @@ def get_args(argv=None):
                    help="also scale it by VQGAN's ratio of reconstruction to GAN gradient norms")
     p.add_argument("--codebook", default="dual", choices=list(CODEBOOKS),
                    help="dual: TokenFlow; the paper's baselines under the same budget: pixel: VQGAN-style (pixel "
-                        "codes only), semantic: VQKD-style (semantic codes only, which the pixel decoder reads)")
+                        "codes only), semantic: VQKD-style (semantic codes only, trained by the teacher alone; "
+                        "the pixel decoder reads them without training them)")
     p.add_argument("--enhanced-decoder", action="store_true",
                    help="the official enhanced pixel decoder (channels 256, 4 res blocks per level)")
     p.add_argument("--finetune-decoder", action="store_true",
@@ -130,7 +131,7 @@ def get_args(argv=None):
     if args.teacher not in ("toy", "clip-vit-b16") and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy', 'clip-vit-b16' or the path of a teacher "
                 "checkpoint or CLIP weights")
-    if error := check_data_path(args):
+    if error := resolve_data_path(args):
         p.error(error)
     if args.ema is not None and not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1), got {args.ema}")
@@ -678,8 +679,8 @@ def config_diff(a, b, keys=None):
     return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k)]
 
 
-def check_data_path(args):
-    """Fill in CIFAR-10's default --data-path -> a one-line complaint if a folder dataset is not there, else None."""
+def resolve_data_path(args):
+    """Fill in CIFAR-10's default --data-path; return a one-line complaint if a folder dataset is not there."""
     if args.dataset == "cifar10" and args.data_path is None:
         args.data_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar10")
     if args.dataset != "shapes" and not os.path.isdir(os.path.join(args.data_path or "", "train")):
@@ -1045,39 +1046,47 @@ def load_teacher(args, cfg):
 
 
 @torch.no_grad()
-def evaluate_tokenizer(args, tokenizer, teacher, grid="reconstructions.png"):
-    """Held-out PSNR and SSIM, codebook usage and perplexity (over all tokens, and per scale),
-    semantic cosine to the teacher and, with a toy teacher, how often it classifies the
-    reconstructions right (recon_acc: the most that generated images can score). The tokens go
-    through the real path (encode -> ids -> decode). Under torchrun each rank takes a share of the
-    images and the sums are all-reduced. The first 16 reconstructions go to OUT_DIR/grid."""
+def evaluate_tokenizer(args, tokenizer, teacher, grid_png="reconstructions.png"):
+    """Held-out PSNR and SSIM, codebook usage and perplexity (over all tokens, and per scale: a
+    scale of side s can hit at most images * s^2 codes), semantic cosine to the teacher and, with a
+    toy teacher, how often it classifies the reconstructions right (recon_acc: the most that
+    generated images can score). The tokens go through the real path (encode -> ids -> decode).
+    Under torchrun each rank takes a share of the images and the sums are all-reduced. The first
+    16 reconstructions go to OUT_DIR/grid_png (None: no image)."""
     tokenizer.eval()
-    cfg, has_sem = tokenizer.cfg, tokenizer.sem_dec is not None
-    sums = torch.zeros(5, dtype=torch.float64)  # images, PSNR, SSIM, semantic cosine, teacher hits
+    cfg, has_sem, has_head = tokenizer.cfg, tokenizer.sem_dec is not None, teacher.head is not None
+    sums = dict.fromkeys(["images", "psnr", "ssim", "sem_cos", "recon_acc"], 0.0)
     counts = torch.zeros(len(cfg.scales), cfg.codebook_size, device=args.device)  # code histogram per scale
-    for x, y in eval_loader(rank_share(make_dataset(args, cfg, "val"), args), 128):
+    for i, (x, y) in enumerate(eval_loader(rank_share(make_dataset(args, cfg, "val"), args), 128)):
         x, y = x.to(args.device), y.to(args.device)
         with autocast_ctx(args):
             idx = tokenizer.encode(x)
             f_hat = tokenizer.indices_to_features(idx)
             x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
-            cos = F.cosine_similarity(tokenizer.semantic_decode(f_hat).float(), teacher.features(x).float(),
-                                      dim=-1).mean(1) if has_sem else torch.zeros(len(x))
-            hits = (teacher(x_rec).argmax(1) == y).sum().item() if teacher.head is not None else 0
-        if sums[0] == 0 and is_main(args) and grid:
-            save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, grid))
-        sums += torch.tensor([len(x), psnr(x_rec, x).sum().item(), ssim(x_rec, x).sum().item(), cos.sum().item(), hits],
-                             dtype=torch.float64)
+            if has_sem:
+                sem = tokenizer.semantic_decode(f_hat).float()
+                sums["sem_cos"] += F.cosine_similarity(sem, teacher.features(x).float(), dim=-1).mean(1).sum().item()
+            if has_head:
+                sums["recon_acc"] += (teacher(x_rec).argmax(1) == y).sum().item()
+        if i == 0 and is_main(args) and grid_png:
+            save_grid([x[:16], x_rec[:16]], os.path.join(args.out_dir, grid_png))
+        sums["images"] += len(x)
+        sums["psnr"] += psnr(x_rec, x).clamp_max(100).sum().item()  # an exact copy is inf dB: keep the mean finite
+        sums["ssim"] += ssim(x_rec, x).sum().item()
         for k, ids in enumerate(idx.split([s * s for s in cfg.scales], dim=1)):
             counts[k] += torch.bincount(ids.flatten(), minlength=cfg.codebook_size)
-    (n, psnr_sum, ssim_sum, cos_sum, hits), counts = all_sum(sums).tolist(), all_sum(counts)
+    totals = dict(zip(sums, all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    counts = all_sum(counts)
     usage, perplexity = tf.codebook_usage(counts.sum(0))
     per_scale = [tf.codebook_usage(c) for c in counts]
-    return {"psnr": psnr_sum / n, "ssim": ssim_sum / n, "usage": usage.item(), "perplexity": perplexity.item(),
-            "usage_per_scale": [round(u.item(), 4) for u, _ in per_scale],
-            "perplexity_per_scale": [round(p.item(), 2) for _, p in per_scale],
-            **({"sem_cos": cos_sum / n} if has_sem else {}),
-            **({"recon_acc": hits / n} if teacher.head is not None else {})}
+    row = {k: totals[k] / totals["images"] for k in ("psnr", "ssim", "sem_cos", "recon_acc")}
+    row.update(usage=usage.item(), perplexity=perplexity.item(),
+               usage_per_scale=[round(u.item(), 4) for u, _ in per_scale],
+               perplexity_per_scale=[round(p.item(), 2) for _, p in per_scale])
+    for key, present in (("sem_cos", has_sem), ("recon_acc", has_head)):
+        if not present:
+            del row[key]
+    return row
 
 
 class DiscriminatorLoss(nn.Module):
@@ -1173,7 +1182,7 @@ def finetune_decoder(args, cfg):
     diff = config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
     if diff:
         raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
-                         "finetune the decoder of a tokenizer of this preset")
+                         "pass the --codebook it was trained with, or finetune a tokenizer of this preset")
     teacher = load_teacher(args, cfg)
     torch.manual_seed(args.seed)
     tokenizer = tf.TokenFlow(cfg)
@@ -1264,7 +1273,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     diff = config_diff(tokenizer.cfg, tok_cfg)
     if diff:
         raise ValueError(f"tokenizer {tokenizer_path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
-                         "train a tokenizer for this preset first")
+                         "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
+                         "for this preset first")
     tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
     gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
