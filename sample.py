@@ -1,5 +1,5 @@
 """
-Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
+Generate images with a trained TokenFlow GPT, use the tokenizer on its own, or evaluate both.
 
     python sample.py                                   # one row per class -> out/samples.png
     python sample.py --classes 0 3 --per-class 16 --cfg 4 --top-k 100 --top-p 0.9

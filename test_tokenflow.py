@@ -1066,7 +1066,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert [(r["stage"], r["split"]) for r in rows[0]] == [(r["stage"], r["split"]) for r in rows[1]]  # rank 0 only
     for a, b in zip(*rows):
         if a["stage"] in ("teacher", "tokenizer"):
-            for k in ("acc", "psnr", "sem_cos", "usage", "recon_acc"):
+            assert a["stage"] == "teacher" or {"ssim", "usage_per_scale"} <= a.keys()
+            for k in ("acc", "psnr", "ssim", "sem_cos", "usage", "usage_per_scale", "recon_acc"):
                 assert k not in a or a[k] == pytest.approx(b[k], abs=1e-3), k
     listing = [sorted(str(p.relative_to(tmp_path / run)) for p in (tmp_path / run).rglob("*")) for run in ("one", "two")]
     assert listing[0] == listing[1]  # the same files, no per-rank leftovers
