@@ -786,6 +786,7 @@ def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--finetune-decoder"], "add --stage tokenizer"),
     (["--codebook", "both"], "invalid choice"),
+    (["--codebook-size", "0"], "--codebook-size must be > 0"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1452,8 +1453,9 @@ def test_one_half_tokenizers_train_and_evaluate_end_to_end(toy_run, tmp_path, co
     out, _ = toy_run
     run, teacher = str(tmp_path / codebook), os.path.join(out, "teacher.pt")
     common = ["--codebook", codebook, "--teacher", teacher, "--out-dir", run, "--iters", "1", "--seed", "3",
-              "--eval-images", "32"]
+              "--eval-images", "32", "--codebook-size", "256"]
     train.main(["--stage", "tokenizer", *common])
+    assert tf.load_model(os.path.join(run, "tokenizer.pt"), "tokenizer")[0].codebook.sem.shape[0] == 256
     train.main(["--stage", "gpt", *common, "--token-images", "64"])
     with pytest.raises(ValueError, match="--codebook"):  # the GPT stage without it names the flag
         train.main(["--stage", "gpt", "--teacher", teacher, "--out-dir", run, "--iters", "1"])
@@ -1480,8 +1482,9 @@ def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():
     rows = {"dual": {"eval": [{**val, "sem_cos": 0.9}, gen], "mean": probe(results.PROBE_KINDS),
                      "grid": probe(results.PROBE_KINDS)},
             "pixel": {"eval": [val], "mean": probe(["pixel", "teacher"]), "grid": probe(["pixel", "teacher"])}}
-    lines = results.table(rows).splitlines()
+    lines = results.table(rows, {"dual": {**val, "usage": 0.5}}).splitlines()
     assert lines[2].startswith("| dual | 23.00 | 0.650 | 100.0% | 270 | 0.900 | 50.0 | 50.0 / 50.0 / 50.0 / 50.0 |")
     assert lines[3].startswith("| pixel | 23.00 | 0.650 | 100.0% | 270 | – | 50.0 | – / 50.0 / – / 50.0 | "
                                "– / 25.0 / – / 25.0 |")
-    assert lines[-1] == "| 8 samples | 0 | 25.0 | 50.0 | 9.0 | 0.30 |"
+    assert lines[-5] == "| 8 samples | 0 | 25.0 | 50.0 | 9.0 | 0.30 |"
+    assert lines[-1] == "| dual | 23.00 | 0.650 | 50.0% | 270 |"

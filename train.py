@@ -95,6 +95,8 @@ def get_args(argv=None):
                    help="dual: TokenFlow; the paper's baselines under the same budget: pixel: VQGAN-style (pixel "
                         "codes only), semantic: VQKD-style (semantic codes only, trained by the teacher alone; "
                         "the pixel decoder reads them without training them)")
+    p.add_argument("--codebook-size", type=int, default=None, help="K, the entries of each table (default: the "
+                   "preset's; toy 512, tokenflow-b 32,768)")
     p.add_argument("--enhanced-decoder", action="store_true",
                    help="the official enhanced pixel decoder (channels 256, 4 res blocks per level)")
     p.add_argument("--finetune-decoder", action="store_true",
@@ -118,7 +120,7 @@ def get_args(argv=None):
     for name in ("iters", "num_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "eval_interval", "eval_images", "lr", "token_images", "grad_accum"):
+    for name in ("batch_size", "eval_interval", "eval_images", "lr", "token_images", "grad_accum", "codebook_size"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.preset not in tf.PRESETS:
@@ -1316,7 +1318,8 @@ def main(argv=None):
     setup_distributed(args)
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
-    cfg = replace(cfg, **CODEBOOKS[args.codebook], **(ENHANCED_DECODER if args.enhanced_decoder else {}))
+    cfg = replace(cfg, **CODEBOOKS[args.codebook], **(ENHANCED_DECODER if args.enhanced_decoder else {}),
+                  codebook_size=args.codebook_size or cfg.codebook_size)
     run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
            "decoder": lambda: finetune_decoder(args, cfg),
            "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
