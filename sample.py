@@ -145,13 +145,6 @@ def to_uint8(x_B3HW):
     return ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_npz(path, **arrays):
-    """np.savez through a temporary file and a rename, so a crash never leaves half a file."""
-    with open(f"{path}.tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(f"{path}.tmp", path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation: Frechet distance in the teacher's feature space, linear probes
 
@@ -400,7 +393,7 @@ def export(args, ckpt, tokenizer, out):
     for y, x in batches:
         images[start:start + len(x)], labels[start:start + len(x)] = to_uint8(x), y.cpu().numpy()
         start += len(x)
-    save_npz(out, arr_0=images, arr_1=labels)
+    train.save_atomically(out, np.savez, arr_0=images, arr_1=labels)
     kind = "real held-out" if args.ref else "reconstructed held-out" if args.recon else "generated"
     print(f"wrote {out}: arr_0 {images.shape} uint8 ({kind} images), arr_1 labels")
     return out

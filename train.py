@@ -520,10 +520,11 @@ def tokenizer_id(tokenizer):
     return h.hexdigest()
 
 
-def save_npy(path, array):
-    """np.save through a temporary file and a rename, so a crash never leaves half a file."""
+def save_atomically(path, save, *arrays, **named):
+    """save(file, *arrays, **named) (np.save, np.savez) into a temporary file, then a rename, so a
+    crash never leaves half a file."""
     with open(f"{path}.tmp", "wb") as f:
-        np.save(f, array)
+        save(f, *arrays, **named)
     os.replace(f"{path}.tmp", path)
 
 
@@ -562,7 +563,7 @@ def token_file(args, tokenizer, split):
     if is_main(args):  # join the blocks in rank order, then the meta, last
         for k in ("ids.npy", "labels.npy"):
             parts = [f"{paths[k]}.rank{r}.tmp" for r in range(args.world_size)]
-            save_npy(paths[k], np.concatenate([np.load(p) for p in parts]))
+            save_atomically(paths[k], np.save, np.concatenate([np.load(p) for p in parts]))
             for p in parts:
                 os.remove(p)
         with open(paths["meta.json"] + ".tmp", "w") as f:
@@ -1081,14 +1082,10 @@ def evaluate_tokenizer(args, tokenizer, teacher, grid_png="reconstructions.png")
     counts = all_sum(counts)
     usage, perplexity = tf.codebook_usage(counts.sum(0))
     per_scale = [tf.codebook_usage(c) for c in counts]
-    row = {k: totals[k] / totals["images"] for k in ("psnr", "ssim", "sem_cos", "recon_acc")}
-    row.update(usage=usage.item(), perplexity=perplexity.item(),
-               usage_per_scale=[round(u.item(), 4) for u, _ in per_scale],
-               perplexity_per_scale=[round(p.item(), 2) for _, p in per_scale])
-    for key, present in (("sem_cos", has_sem), ("recon_acc", has_head)):
-        if not present:
-            del row[key]
-    return row
+    kept = ["psnr", "ssim"] + ["sem_cos"] * has_sem + ["recon_acc"] * has_head
+    return {**{k: totals[k] / totals["images"] for k in kept}, "usage": usage.item(), "perplexity": perplexity.item(),
+            "usage_per_scale": [round(u.item(), 4) for u, _ in per_scale],
+            "perplexity_per_scale": [round(p.item(), 2) for _, p in per_scale]}
 
 
 class DiscriminatorLoss(nn.Module):
