@@ -27,7 +27,6 @@ import re
 import statistics
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 import numpy as np
@@ -36,6 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenflow as tf
 import train
+from data import TokenDataset, device_batches
+from data.shapes import ShapesDataset
+from evaluate import autocast_ctx
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 ASSUMED_UTILISATION = 0.35  # a typical fraction of that peak for mixed conv / attention training
@@ -126,11 +128,20 @@ def naive_quantize(codebook, z_BCnn, scales, window):
     return f_hat, ids, vq / len(scales), usage
 
 
+class CodebookOnly(torch.nn.Module):
+    """What TokenFlow.quantize and GPT read of a tokenizer (its config and codebook), without the
+    encoders and decoders of the B sizes."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.codebook = cfg, tf.DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim)
+
+
 def bench_vq(args):
     cfg = tf.PRESETS["tokenflow-b"]["tokenizer"]
     torch.manual_seed(0)
-    codebook = tf.DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim).to(args.device)
-    quantizer = SimpleNamespace(codebook=codebook, cfg=cfg)  # all TokenFlow.quantize reads of its model
+    quantizer = CodebookOnly(cfg).to(args.device)
+    codebook = quantizer.codebook
     z = torch.randn(8, cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid, device=args.device, requires_grad=True)
     window = torch.randint(0, cfg.codebook_size, (131_072,), device=args.device)  # the official usage window
 
@@ -186,8 +197,7 @@ def bench_sample(args):
     cfg = tf.PRESETS["tokenflow-b"]["tokenizer"]
     gpt_cfg = tf.GPTConfig(num_classes=1000, width=args.gpt_width, depth=args.gpt_depth, heads=args.gpt_width // 64)
     torch.manual_seed(0)
-    codebook_only = SimpleNamespace(cfg=cfg, codebook=tf.DualCodebook(cfg.codebook_size, cfg.sem_dim, cfg.pix_dim))
-    gpt = tf.GPT(gpt_cfg, codebook_only).to(args.device).eval()
+    gpt = tf.GPT(gpt_cfg, CodebookOnly(cfg)).to(args.device).eval()
     labels = torch.arange(8, device=args.device)
     kw = dict(cfg=3.0, top_k=600, top_p=0.8)
     gen = lambda: torch.Generator(args.device).manual_seed(0)
@@ -220,7 +230,7 @@ def train_steps(args, stage):
     """-> (step(x, y), the real pipeline's batches, batch size, trained module, frozen modules) for
     a stage of --preset: the tokenizer reads shapes rendered on the fly, the GPT random token ids
     from memory through the DataLoader."""
-    preset, targs = tf.PRESETS[args.preset], train.get_args(["--out-dir", "/tmp", "--device", args.device])
+    preset = tf.PRESETS[args.preset]
     cfg = preset["tokenizer"]
     batch = args.batch_size or train.DEFAULTS[(args.preset, stage)]["batch_size"]
     torch.manual_seed(0)
@@ -228,22 +238,22 @@ def train_steps(args, stage):
     if stage == "tokenizer":
         teacher = tf.Teacher(cfg).to(args.device).requires_grad_(False)
         model, frozen = tokenizer, [teacher]
-        data = train.batches(train.ShapesDataset(1_000_000, cfg.image_size, 0, "train"), batch, targs)
+        data = device_batches(ShapesDataset(1_000_000, cfg.image_size, 0, "train"), batch, 0, device=args.device)
 
         def loss_fn(x, y):
             with torch.no_grad():
                 target = teacher.features(x)
             x_rec, sem, stats = tokenizer(x)
-            return F.mse_loss(x_rec, x) + (1 - F.cosine_similarity(sem, target, dim=-1)).mean() + stats["vq"]
+            return train.tokenizer_loss(x, x_rec, sem, target, stats["vq"])[0]
     else:
         model = tf.GPT(replace(preset["gpt"], num_classes=8), tokenizer.requires_grad_(False)).to(args.device)
         ids = np.random.default_rng(0).integers(0, cfg.codebook_size, (8192, cfg.seq_len)).astype(np.uint16)
-        data = train.batches(train.TokenDataset(ids, np.arange(8192) % 8), batch, targs)
-        loss_fn = lambda idx, y: F.cross_entropy(model(idx, y).flatten(0, 1), idx.flatten())
+        data = device_batches(TokenDataset(ids, np.arange(8192) % 8), batch, 0, device=args.device)
+        loss_fn = lambda idx, y: train.gpt_loss(model(idx, y), idx)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):
-        with train.autocast_ctx(SimpleNamespace(dtype=args.dtype, device=args.device)):
+        with autocast_ctx(args.device, args.dtype):
             loss = loss_fn(x, y)
         loss.backward()
         opt.step()
@@ -322,18 +332,18 @@ def tokenizer_step(cfg):
     """One image through the whole TokenFlow-B recipe: CLIP-sized teacher (frozen), tokenizer,
     L2 + LPIPS + semantic + VQ, and the PatchGAN's discriminator step and generator term."""
     torch.manual_seed(0)
-    teacher, tokenizer, lpips = tf.Teacher(cfg).requires_grad_(False), tf.TokenFlow(cfg), train.LPIPS()
-    disc = train.PatchDiscriminator()
-    gan = {"disc": disc, "net": train.DiscriminatorLoss(disc), "opt": torch.optim.SGD(disc.parameters(), lr=0)}
-    args = SimpleNamespace(disc_start=0, disc_weight=0.5, adaptive_disc_weight=False)
+    teacher, tokenizer, lpips = tf.Teacher(cfg).requires_grad_(False), tf.TokenFlow(cfg), tf.LPIPS()
+    disc = tf.PatchDiscriminator()
+    gan = train.GAN(disc, train.DiscriminatorLoss(disc), torch.optim.SGD(disc.parameters(), lr=0))
     x = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1
 
     def step():
         with torch.no_grad():
             target = teacher.features(x)
         x_rec, sem, stats = tokenizer(x)
-        rec, _ = train.reconstruction_loss(args, x_rec, x, 0, lpips, gan, tokenizer.pix_dec.conv_out.weight)
-        (rec + (1 - F.cosine_similarity(sem, target, dim=-1)).mean() + stats["vq"]).backward()
+        train.discriminator_step(gan, x, x_rec)
+        loss, _ = train.tokenizer_loss(x, x_rec, sem, target, stats["vq"], lpips, gan, tokenizer.pix_dec.conv_out.weight)
+        loss.backward()
 
     trained, frozen = count(tokenizer) + count(disc), count(teacher) + count(lpips)
     flops, act = measure(step, [*tokenizer.parameters(), *disc.parameters(), *teacher.parameters(),

@@ -26,9 +26,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
+import data.weights
+import evaluate
 import sample
 import tokenflow as tf
 import train
+from data import device_batches
+from data.folders import FolderDataset, read_rgb, to_uint8
+from data.shapes import ShapesDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -130,22 +136,22 @@ def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatc
     torch.save(clip.state_dict(), path)
     cfg = replace(TINY, vit_width=64, vit_depth=2, vit_heads=1, vit_stem_ch=0, vit_quick_gelu=True,
                   sem_mean=(0.48145466, 0.4578275, 0.40821073), sem_std=(0.26862954, 0.26130258, 0.27577711))
-    teacher = train.clip_teacher(path, cfg).eval()
+    teacher = tf.clip_teacher(path, cfg).eval()
     x = images(2)
     with torch.no_grad():
         assert torch.allclose(teacher.features(x), visual(tf.teacher_input(x, cfg)) @ visual.proj, atol=1e-4)
     with pytest.raises(ValueError, match="vit_depth = 2 vs 3"):
-        train.clip_teacher(path, replace(cfg, vit_depth=3))
+        tf.clip_teacher(path, replace(cfg, vit_depth=3))
     # --teacher clip-vit-b16: fetched once into the cache, then its SHA-256 is checked
     monkeypatch.setenv("TOKENFLOW_CACHE", str(tmp_path / "cache"))
     fake = "https://example.invalid/x/" + hashlib.sha256(open(path, "rb").read()).hexdigest() + "/ViT-B-16.pt"
-    monkeypatch.setattr(train, "CLIP_URL", fake)
-    monkeypatch.setattr(train.urllib.request, "urlretrieve", lambda url, dst: shutil.copy(path, dst))
-    fetched = train.fetch_clip()
+    monkeypatch.setattr(data.weights, "CLIP_URL", fake)
+    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", lambda url, dst: shutil.copy(path, dst))
+    fetched = data.weights.fetch_clip()
     assert open(fetched, "rb").read() == open(path, "rb").read()
     open(fetched, "ab").write(b"x")  # a corrupted cache
     with pytest.raises(ValueError, match="sha256"):
-        train.fetch_clip()
+        data.weights.fetch_clip()
 
 
 def test_positions_resize_keeps_the_class_token_and_is_identity_at_the_same_grid():
@@ -228,7 +234,7 @@ def test_usage_perplexity_and_psnr_on_known_values():
     usage, ppl = tf.codebook_usage(torch.bincount(torch.arange(8).repeat(3), minlength=16))  # 8 of 16 codes, uniformly
     assert usage.item() == 0.5 and abs(ppl.item() - 8) < 1e-4
     x = torch.zeros(2, 3, 4, 4)
-    assert torch.allclose(train.psnr(x + 0.2, x), torch.full((2,), 20.0))  # [0,1] error 0.1 -> 20 dB
+    assert torch.allclose(tf.psnr(x + 0.2, x), torch.full((2,), 20.0))  # [0,1] error 0.1 -> 20 dB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +506,7 @@ def test_gpt_checkpoint_holds_only_gpt_weights_and_round_trips(tmp_path, tiny, g
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx, labels), gpt(idx, labels))
     other = tf.TokenFlow(replace(TINY, codebook_size=128))
-    with pytest.raises(ValueError, match="codebook_size 64 vs 128"):
+    with pytest.raises(ValueError, match="codebook_size = 64 vs 128"):
         tf.load_model(path, "gpt", other)
     with pytest.raises(ValueError, match="holds a 'gpt' checkpoint, expected 'tokenizer'"):
         tf.load_model(path, "tokenizer")
@@ -593,23 +599,23 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_shapes_are_deterministic_and_splits_differ():
-    a = train.ShapesDataset(100, 32, seed=0, split="train")
-    b = train.ShapesDataset(100, 32, seed=0, split="train")
-    v = train.ShapesDataset(100, 32, seed=0, split="val")
+    a = ShapesDataset(100, 32, seed=0, split="train")
+    b = ShapesDataset(100, 32, seed=0, split="train")
+    v = ShapesDataset(100, 32, seed=0, split="val")
     xa, ya = a[17]
     xb, yb = b.__getitems__([3, 17])[1]
     assert torch.equal(xa, xb) and ya == yb  # same (seed, split, index) -> same image, alone or batched
     assert not torch.equal(xa, v[17][0])
     assert xa.shape == (3, 32, 32) and xa.min() >= -1 and xa.max() <= 1
     labels = a.params(range(100))["cls"]
-    assert set(labels.long().tolist()) == set(range(train.ShapesDataset.num_classes))
+    assert set(labels.long().tolist()) == set(range(ShapesDataset.num_classes))
 
 
 def test_shape_class_is_geometry_not_colour():
     """Same colour, position, size and background; only the class differs -> different masks."""
-    ds = train.ShapesDataset(1, 32)
-    p = ds.params([0] * train.ShapesDataset.num_classes)
-    p["cls"] = torch.arange(train.ShapesDataset.num_classes, dtype=torch.float32)
+    ds = ShapesDataset(1, 32)
+    p = ds.params([0] * ShapesDataset.num_classes)
+    p["cls"] = torch.arange(ShapesDataset.num_classes, dtype=torch.float32)
     x = ds.render(p)
     masks = (x - x[:1]).abs().sum(1) > 0.1  # where each image differs from the disk
     assert all(masks[i].sum() > 10 for i in range(1, len(x)))
@@ -629,29 +635,29 @@ def image_folder(root, classes=("cat", "ant", "bee"), per_class=3, seed=0):
 def test_folder_dataset_classes_crops_and_cached_scan(tmp_path):
     image_folder(str(tmp_path / "data"))
     cache = str(tmp_path / "cache")
-    ds = train.FolderDataset(str(tmp_path / "data"), 16, augment=False, cache_dir=cache)
+    ds = FolderDataset(str(tmp_path / "data"), 16, augment=False, cache_dir=cache)
     assert ds.classes == ["ant", "bee", "cat"] and len(ds) == 9 and ds.num_classes == 3
     assert [label for _, label in ds.files] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     x, y = ds[4]
     assert x.shape == (3, 16, 16) and y == 1 and x.min() >= -1 and x.max() <= 1
     assert torch.equal(ds[4][0], x)  # the centre crop is deterministic
-    aug = train.FolderDataset(str(tmp_path / "data"), 16, augment=True, cache_dir=cache)
+    aug = FolderDataset(str(tmp_path / "data"), 16, augment=True, cache_dir=cache)
     torch.manual_seed(0)
     assert not all(torch.equal(aug[4][0], aug[4][0]) for _ in range(5))  # random crops and flips
     # the scan is cached, and redone when a class folder changes
     assert len(os.listdir(cache)) == 1
     Image.new("RGB", (30, 30)).save(tmp_path / "data" / "bee" / "new.png")
-    assert len(train.FolderDataset(str(tmp_path / "data"), 16, augment=False, cache_dir=cache)) == 10
+    assert len(FolderDataset(str(tmp_path / "data"), 16, augment=False, cache_dir=cache)) == 10
 
 
 def test_folder_without_classes_or_images_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):
-        train.FolderDataset(str(tmp_path / "empty"), 16, False, str(tmp_path))
+        FolderDataset(str(tmp_path / "empty"), 16, False, str(tmp_path))
     (tmp_path / "noimg" / "a").mkdir(parents=True)
     (tmp_path / "noimg" / "a" / "x.txt").write_text("text")
     with pytest.raises(ValueError, match="no image files"):
-        train.FolderDataset(str(tmp_path / "noimg"), 16, False, str(tmp_path))
+        FolderDataset(str(tmp_path / "noimg"), 16, False, str(tmp_path))
     with pytest.raises(SystemExit):
         train.get_args(["--dataset", "folder", "--data-path", str(tmp_path / "nowhere")])
 
@@ -698,7 +704,7 @@ def test_cifar10_prepare_writes_image_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "MD5", prepare.md5(archive))
     monkeypatch.setattr(prepare.urllib.request, "urlretrieve", None)  # no network: a download would fail
     prepare.main(["--archive", archive, "--out", str(tmp_path)])
-    ds = train.FolderDataset(str(tmp_path / "train"), 32, False, str(tmp_path))
+    ds = FolderDataset(str(tmp_path / "train"), 32, False, str(tmp_path))
     assert len(ds) == 10 and ds.classes == [f"class{i}" for i in range(10)]
     assert len(os.listdir(tmp_path / "test" / "class9")) == 1
     with tarfile.open(archive) as tar:  # pixels come through unchanged (row-major CHW -> HWC)
@@ -722,7 +728,7 @@ def test_cifar10_prepare_refuses_a_pickle_that_runs_code(tmp_path):
 
 def test_lpips_is_zero_on_identical_images_symmetric_and_positive():
     torch.manual_seed(0)
-    lpips = train.LPIPS()
+    lpips = tf.LPIPS()
     for lin in lpips.lins:  # LPIPS v0.1 heads are non-negative
         lin.weight.data.abs_()
     x, y = images(3, 32), images(3, 32, seed=1)
@@ -733,33 +739,33 @@ def test_lpips_is_zero_on_identical_images_symmetric_and_positive():
 
 def test_load_lpips_reads_torchvision_vgg_and_lpips_heads(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    ref = train.LPIPS()
+    ref = tf.LPIPS()
     vgg = {f"features.{k}": v for k, v in ref.features.state_dict().items()}
     vgg["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision's file holds the classifier too
     torch.save(vgg, tmp_path / "vgg16-397923af.pth")
     torch.save({f"lin{i}.model.1.weight": lin.weight.abs() for i, lin in enumerate(ref.lins)}, tmp_path / "vgg.pth")
     digest = lambda name, algo: hashlib.new(algo, open(tmp_path / name, "rb").read()).hexdigest()
-    monkeypatch.setattr(train, "VGG16_SHA256", digest("vgg16-397923af.pth", "sha256")[:8])
-    monkeypatch.setattr(train, "LPIPS_MD5", digest("vgg.pth", "md5"))
-    monkeypatch.setattr(train.urllib.request, "urlretrieve", None)  # the files are there: no download
-    lpips = train.load_lpips(str(tmp_path))
+    monkeypatch.setattr(data.weights, "VGG16_SHA256", digest("vgg16-397923af.pth", "sha256")[:8])
+    monkeypatch.setattr(data.weights, "LPIPS_MD5", digest("vgg.pth", "md5"))
+    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", None)  # the files are there: no download
+    lpips = data.weights.load_lpips(str(tmp_path))
     assert torch.equal(lpips.features[28].weight, ref.features[28].weight)
     assert torch.equal(lpips.lins[4].weight, ref.lins[4].weight.abs())
-    monkeypatch.setattr(train, "LPIPS_MD5", "0" * 32)
+    monkeypatch.setattr(data.weights, "LPIPS_MD5", "0" * 32)
     with pytest.raises(ValueError, match="expected 0000"):
-        train.load_lpips(str(tmp_path))
+        data.weights.load_lpips(str(tmp_path))
 
     def offline(url, path):
-        raise train.urllib.error.URLError("no network")
+        raise data.weights.urllib.error.URLError("no network")
 
     os.remove(tmp_path / "vgg.pth")  # missing, and no network to fetch it: say where to put it
-    monkeypatch.setattr(train.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", offline)
     with pytest.raises(FileNotFoundError, match="vgg.pth is missing and its download .* failed"):
-        train.load_lpips(str(tmp_path))
+        data.weights.load_lpips(str(tmp_path))
 
 
 def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
-    assert train.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])).item() == 1.0
+    assert tf.hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])).item() == 1.0
     out = str(tmp_path / "out")
     shutil.copytree(toy_run[0], out)
     argv = ["--stage", "tokenizer", "--out-dir", out, "--disc-start", "1", "--adaptive-disc-weight"]
@@ -794,15 +800,20 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["eval", "--pool", "grid"], "--pool is for probe"),
-    (["generate", "--ref"], "use them with export"),
-    (["export", "--ref", "--recon"], "not allowed with argument"),
-    (["eval", "--num-images", "0"], "--num-images must be >= 1"),
+@pytest.mark.parametrize("script,argv,message", [
+    ("evaluate", ["eval", "--pool", "grid"], "--pool is for probe"),
+    ("evaluate", ["probe", "--ref"], "use them with export"),
+    ("evaluate", ["export", "--ref", "--recon"], "not allowed with argument"),
+    ("evaluate", ["eval", "--num-images", "0"], "--num-images must be >= 1"),
+    ("evaluate", ["eval", "--temperature", "0"], "--temperature > 0"),
+    ("sample", ["generate", "--per-class", "0"], "--per-class must be >= 1"),
+    ("sample", ["--refine", "100"], "--refine takes TOP_K,TOP_P pairs"),
+    ("sample", ["--top-p", "1.5"], "top-p values in [0, 1]"),
+    ("sample", ["decode"], "decode takes exactly one .npy file"),
 ])
-def test_bad_sample_flags_exit_2_with_a_message(argv, message, capsys):
+def test_bad_sample_and_evaluate_flags_exit_2_with_a_message(script, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        sample.get_args(argv)
+        {"sample": sample, "evaluate": evaluate}[script].get_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -831,7 +842,7 @@ def test_toy_run_smoke(toy_run):
     torch.manual_seed(0)
     assert not torch.allclose(w(tf.TokenFlow(tokenizer.cfg).sem_enc), w(teacher.vit), atol=0.01)
     gpt, ckpt = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
-    assert ckpt["step"] == 2 and gpt.cfg.num_classes == train.ShapesDataset.num_classes
+    assert ckpt["step"] == 2 and gpt.cfg.num_classes == ShapesDataset.num_classes
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     gpt_val = [r for r in rows if r["stage"] == "gpt" and r["split"] == "val"][-1]
     assert len(gpt_val["acc_per_scale"]) == len(tokenizer.cfg.scales) and 0 <= gpt_val["acc"] <= 1
@@ -845,7 +856,7 @@ def test_token_file_matches_the_tokenizer_and_is_reused(toy_run):
     ids = np.load(os.path.join(out, "tokens", "train_ids.npy"))
     labels = np.load(os.path.join(out, "tokens", "train_labels.npy"))
     assert ids.dtype == np.uint16 and ids.shape == (64, tokenizer.cfg.seq_len) and labels.shape == (64,)
-    x, y = zip(*train.ShapesDataset(64, 32, 0, "train").__getitems__(range(8)))
+    x, y = zip(*ShapesDataset(64, 32, 0, "train").__getitems__(range(8)))
     assert np.array_equal(ids[:8], tokenizer.eval().encode(torch.stack(x)).numpy())
     assert np.array_equal(labels[:8], torch.stack(y).numpy())
     args = train.get_args(["--out-dir", out, "--token-images", "64"])
@@ -1018,8 +1029,8 @@ def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
     assert not torch.equal(ckpt["ema"]["head.weight"], ckpt["model"]["head.weight"])
     teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
     assert torch.equal(teacher.head.weight, ckpt["ema"]["head.weight"])
-    args = train.get_args(["--eval-images", "64", "--out-dir", out])
-    assert train.evaluate_teacher(args, teacher)["acc"] == row["teacher"]["acc"]
+    val = data.make_dataset("shapes", None, "val", teacher.cfg.image_size, size=64)
+    assert evaluate.evaluate_teacher(teacher, data.eval_loader(val, 256), "cpu")["acc"] == row["teacher"]["acc"]
 
 
 @pytest.mark.parametrize("decoder", ["same", "other"])
@@ -1039,7 +1050,7 @@ def test_finetune_decoder_trains_only_the_pixel_decoder(toy_run, tmp_path, monke
     old, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     new, _ = tf.load_model(os.path.join(out, "decoder.pt"), "tokenizer")
     assert new.cfg.pix_dec_ch == (64 if decoder == "other" else 32)
-    assert train.tokenizer_id(new) == train.tokenizer_id(old)  # same ids: token files and GPT stay valid
+    assert tf.tokenizer_id(new) == tf.tokenizer_id(old)  # same ids: token files and GPT stay valid
     x = images(4, size=32)
     assert torch.equal(new.eval().encode(x), old.eval().encode(x))
     tf.load_model(os.path.join(out, "gpt.pt"), "gpt", new)
@@ -1102,12 +1113,12 @@ def test_odd_images_are_converted_and_bad_files_skipped(tmp_path, capsys):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     rgb.save(root / "rotated.jpg", exif=exif, quality=100)
     for name in ("grey.png", "rgba.png", "palette.png", "cmyk.jpg", "deep.png", "rotated.jpg"):
-        assert train.read_rgb(root / name).mode == "RGB", name
-    assert (np.asarray(train.read_rgb(root / "deep.png")) == 128).all()  # scaled, not clipped to 255
-    assert train.read_rgb(root / "rotated.jpg").size == (1, 2)  # EXIF orientation applied
+        assert read_rgb(root / name).mode == "RGB", name
+    assert (np.asarray(read_rgb(root / "deep.png")) == 128).all()  # scaled, not clipped to 255
+    assert read_rgb(root / "rotated.jpg").size == (1, 2)  # EXIF orientation applied
     transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     transparent.save(root / "clear.png")
-    assert np.asarray(train.read_rgb(root / "clear.png")).min() == 255  # transparency over white
+    assert np.asarray(read_rgb(root / "clear.png")).min() == 255  # transparency over white
     # bad files: zero bytes, truncated, not an image, unreadable
     (root / "empty.jpg").write_bytes(b"")
     buf = io.BytesIO()
@@ -1115,7 +1126,7 @@ def test_odd_images_are_converted_and_bad_files_skipped(tmp_path, capsys):
     (root / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
     (root / "text.png").write_text("not an image")
     (root / "locked.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link: reading it fails
-    ds = train.FolderDataset(str(tmp_path / "data"), 8, augment=False, cache_dir=str(tmp_path))
+    ds = FolderDataset(str(tmp_path / "data"), 8, augment=False, cache_dir=str(tmp_path))
     assert len(ds) == 11
     items = [ds[i] for i in range(len(ds))]
     assert all(x.shape == (3, 8, 8) and torch.isfinite(x).all() for x, _ in items)  # tiny images upscaled
@@ -1124,9 +1135,9 @@ def test_odd_images_are_converted_and_bad_files_skipped(tmp_path, capsys):
     for name in ("empty.jpg", "truncated.jpg", "text.png", "locked.png"):
         assert f"skipping unreadable image {root / name}" in err, name
     # a training epoch over them reports the count at its end
-    data = train.batches(ds, 11, train.get_args(["--out-dir", str(tmp_path)]))
-    next(data)
-    next(data)  # the second epoch's first batch: the first epoch has ended
+    batches = device_batches(ds, 11, seed=0)
+    next(batches)
+    next(batches)  # the second epoch's first batch: the first epoch has ended
     assert "unreadable images skipped" in capsys.readouterr().out
 
 
@@ -1134,7 +1145,7 @@ def test_a_folder_of_only_bad_files_stops_with_a_message(tmp_path):
     (tmp_path / "a").mkdir()
     for i in range(3):
         (tmp_path / "a" / f"{i}.jpg").write_bytes(b"")
-    ds = train.FolderDataset(str(tmp_path), 8, augment=False, cache_dir=str(tmp_path))
+    ds = FolderDataset(str(tmp_path), 8, augment=False, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="3 image files in a row, from a/0.jpg, cannot be read"):
         ds[0]
 
@@ -1334,13 +1345,13 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
 
 def test_psnr_and_ssim_of_identical_and_known_pairs():
     x = images(3, 16)
-    assert torch.isinf(train.psnr(x, x)).all() and torch.allclose(train.ssim(x, x), torch.ones(3), atol=1e-5)
+    assert torch.isinf(tf.psnr(x, x)).all() and torch.allclose(evaluate.ssim(x, x), torch.ones(3), atol=1e-5)
     # constant images 0.5 and 0.75 on [0, 1]: MSE 1/16 -> 10 log10(16) dB; SSIM's structure term is
     # C2 / C2 = 1, so SSIM is the luminance term (2ab + C1) / (a^2 + b^2 + C1)
     a, b = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.5)
-    assert abs(train.psnr(a, b).item() - 10 * math.log10(16)) < 1e-4
+    assert abs(tf.psnr(a, b).item() - 10 * math.log10(16)) < 1e-4
     c1 = 0.01**2
-    assert abs(train.ssim(a, b).item() - (2 * 0.5 * 0.75 + c1) / (0.5**2 + 0.75**2 + c1)) < 1e-6
+    assert abs(evaluate.ssim(a, b).item() - (2 * 0.5 * 0.75 + c1) / (0.5**2 + 0.75**2 + c1)) < 1e-6
     # an 11 x 11 image is one window: SSIM from Gaussian-weighted statistics computed here in float64
     x, y = torch.rand(1, 1, 11, 11, dtype=torch.float64), torch.rand(1, 1, 11, 11, dtype=torch.float64)
     g = torch.exp(-((torch.arange(11) - 5.0) / 1.5) ** 2 / 2).double()
@@ -1348,23 +1359,23 @@ def test_psnr_and_ssim_of_identical_and_known_pairs():
     mx, my = (w * x).sum(), (w * y).sum()
     vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
     want = (2 * mx * my + c1) * (2 * cxy + 0.03**2) / ((mx**2 + my**2 + c1) * (vx + vy + 0.03**2))
-    assert abs(train.ssim(x * 2 - 1, y * 2 - 1).item() - want.item()) < 1e-5
+    assert abs(evaluate.ssim(x * 2 - 1, y * 2 - 1).item() - want.item()) < 1e-5
     # more noise, lower scores
     clean = images(2, 16)
     noisy = [(clean + s * torch.randn_like(clean)).clamp(-1, 1) for s in (0.05, 0.2, 0.5)]
-    assert (train.ssim(noisy[0], clean) > train.ssim(noisy[1], clean)).all()
-    assert (train.psnr(noisy[1], clean) > train.psnr(noisy[2], clean)).all()
+    assert (evaluate.ssim(noisy[0], clean) > evaluate.ssim(noisy[1], clean)).all()
+    assert (tf.psnr(noisy[1], clean) > tf.psnr(noisy[2], clean)).all()
 
 
 def test_frechet_distance_zero_for_the_same_set_and_exact_for_shift_and_scale():
     a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6) + 1.0
-    assert abs(sample.frechet_distance(a, a)) < 1e-6
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
     shift = torch.tensor([3.0, 0, -1, 0, 0, 2])
-    assert abs(sample.frechet_distance(a, a + shift) - 14.0) < 1e-6  # same covariance: |shift|^2
+    assert abs(evaluate.frechet_distance(a, a + shift) - 14.0) < 1e-6  # same covariance: |shift|^2
     # b = 2a: S_b = 4 S_a commutes with S_a, (S_a S_b)^1/2 = 2 S_a -> FD = |mu_a|^2 + tr S_a
     mu, cov = a.double().mean(0), torch.cov(a.double().T)
-    assert abs(sample.frechet_distance(a, 2 * a) - (mu.square().sum() + cov.trace()).item()) < 1e-6
-    assert sample.frechet_distance(a, a + 0.1) < sample.frechet_distance(a, a + 1.0)
+    assert abs(evaluate.frechet_distance(a, 2 * a) - (mu.square().sum() + cov.trace()).item()) < 1e-6
+    assert evaluate.frechet_distance(a, a + 0.1) < evaluate.frechet_distance(a, a + 1.0)
 
 
 def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_labels():
@@ -1373,12 +1384,12 @@ def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_label
     y_fit, y_val = torch.randint(5, (1000,), generator=g), torch.randint(5, (1000,), generator=g)
     x_fit = centres[y_fit] + torch.randn(1000, 10, generator=g)
     x_val = centres[y_val] + torch.randn(1000, 10, generator=g)
-    assert sample.linear_probe(x_fit, y_fit, x_val, y_val, 5) > 0.95
+    assert evaluate.linear_probe(x_fit, y_fit, x_val, y_val, 5) > 0.95
     shuffled = y_val[torch.randperm(1000, generator=g)]  # labels unrelated to the features
-    assert abs(sample.linear_probe(x_fit, y_fit, x_val, shuffled, 5) - 0.2) < 0.05
+    assert abs(evaluate.linear_probe(x_fit, y_fit, x_val, shuffled, 5) - 0.2) < 0.05
     random = torch.randint(10, (2000,), generator=g)  # random labels from the start: chance is 10%
     x = torch.randn(4000, 16, generator=g)
-    assert abs(sample.linear_probe(x[:2000], random, x[2000:], torch.randint(10, (2000,), generator=g), 10) - 0.1) < 0.03
+    assert abs(evaluate.linear_probe(x[:2000], random, x[2000:], torch.randint(10, (2000,), generator=g), 10) - 0.1) < 0.03
 
 
 @pytest.mark.parametrize("codebook", ["pixel", "semantic"])
@@ -1417,34 +1428,34 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     out, _ = toy_run
     flags = ["--out-dir", out, "--eval-images", "64", "--num-images", "24", "--batch-size", "16"]
     before = len(open(os.path.join(out, "metrics.jsonl")).readlines())
-    val, *generated = sample.main(["eval", *flags])
+    val, *generated = evaluate.main(["eval", *flags])
     assert val["split"] == "val" and np.isfinite(val["psnr"]) and 0 < val["ssim"] <= 1
     assert len(val["usage_per_scale"]) == len(val["perplexity_per_scale"]) == 5 and 0 < val["usage"] <= 1
-    assert [g["cfg"] for g in generated] == [0.0, train.DEFAULT_CFG]
+    assert [g["cfg"] for g in generated] == [0.0, evaluate.DEFAULT_CFG]
     for g in generated:  # a GPT after 2 steps is far from the real images
         assert g["images"] == 24 and g["fd_teacher"] > g["fd_teacher_real"] > 0
         assert 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")).readlines()[before:]]
     assert rows == json.loads(json.dumps([val, *generated]))  # one JSON line per metric set
-    probes = sample.main(["probe", *flags, "--probe-images", "64"])
+    probes = evaluate.main(["probe", *flags, "--probe-images", "64"])
     assert [p["features"] for p in probes] == ["semantic", "pixel", "both", "teacher"]
     assert [p["dim"] for p in probes] == [32, 8, 40, 64]
     assert all(0 <= p["class_acc"] <= 1 and 0 <= p["colour_acc"] <= 1 for p in probes)
-    npz = sample.main(["export", *flags, "--out", str(tmp_path / "samples.npz")])
+    npz = evaluate.main(["export", *flags, "--out", str(tmp_path / "samples.npz")])
     arr = np.load(npz)
     assert arr["arr_0"].shape == (24, 32, 32, 3) and arr["arr_0"].dtype == np.uint8
     assert np.bincount(arr["arr_1"]).tolist() == [3] * 8  # class-balanced
-    ref = np.load(sample.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
-    x, y = zip(*train.ShapesDataset(24, 32, 0, "val").__getitems__(range(24)))
-    assert np.array_equal(ref["arr_0"], sample.to_uint8(torch.stack(x))) and ref["arr_1"].tolist() == list(y)
-    recon = np.load(sample.main(["export", "--recon", *flags, "--out", str(tmp_path / "recon.npz")]))
+    ref = np.load(evaluate.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
+    x, y = zip(*ShapesDataset(24, 32, 0, "val").__getitems__(range(24)))
+    assert np.array_equal(ref["arr_0"], to_uint8(torch.stack(x))) and ref["arr_1"].tolist() == list(y)
+    recon = np.load(evaluate.main(["export", "--recon", *flags, "--out", str(tmp_path / "recon.npz")]))
     tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
-    assert np.array_equal(recon["arr_0"], sample.to_uint8(tokenizer.decode(tokenizer.encode(torch.stack(x)))))
-    assert len(sample.main(["eval", *flags, "--cfg", "0"])) == 2  # cfg 0 is evaluated once
+    assert np.array_equal(recon["arr_0"], to_uint8(tokenizer.decode(tokenizer.encode(torch.stack(x)))))
+    assert len(evaluate.main(["eval", *flags, "--cfg", "0"])) == 2  # cfg 0 is evaluated once
     for split in ("train", "val"):
         image_folder(str(tmp_path / "d" / split))  # 9 images: fewer than asked for
     with pytest.raises(ValueError, match="held-out split has 9 images"):
-        sample.main(["export", "--ref", "--dataset", "folder", "--data-path", str(tmp_path / "d"), *flags])
+        evaluate.main(["export", "--ref", "--dataset", "folder", "--data-path", str(tmp_path / "d"), *flags])
 
 
 @pytest.mark.parametrize("codebook", ["pixel", "semantic"])
@@ -1463,14 +1474,14 @@ def test_one_half_tokenizers_train_and_evaluate_end_to_end(toy_run, tmp_path, co
     last = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][-1]
     assert (last["sem_class_acc"] is None) == (codebook == "pixel")
     flags = ["--out-dir", run, "--eval-images", "32", "--num-images", "16", "--batch-size", "16"]
-    val, *generated = sample.main(["eval", *flags])
+    val, *generated = evaluate.main(["eval", *flags])
     assert ("sem_cos" in val) == (codebook == "semantic") and len(generated) == 2
     assert all(("sem_class_acc" in g) == (codebook == "semantic") and "class_acc" in g for g in generated)
-    probes = sample.main(["probe", *flags, "--probe-images", "32"])
+    probes = evaluate.main(["probe", *flags, "--probe-images", "32"])
     assert [p["features"] for p in probes] == [codebook, "teacher"]
-    ref = np.load(sample.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
-    x, _ = zip(*train.ShapesDataset(16, 32, 3, "val").__getitems__(range(16)))  # seed 3's held-out split
-    assert np.array_equal(ref["arr_0"], sample.to_uint8(torch.stack(x)))
+    ref = np.load(evaluate.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
+    x, _ = zip(*ShapesDataset(16, 32, 3, "val").__getitems__(range(16)))  # seed 3's held-out split
+    assert np.array_equal(ref["arr_0"], to_uint8(torch.stack(x)))
 
 
 def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():

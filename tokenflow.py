@@ -34,6 +34,7 @@ References
    nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
 """
 
+import hashlib
 import io
 import math
 import os
@@ -117,6 +118,11 @@ class TokenizerConfig:
     @property
     def seq_len(self):  # L: tokens per image over all scales
         return sum(s * s for s in self.scales)
+
+
+def config_diff(a, b, keys=None):
+    """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
+    return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys or asdict(a) if getattr(a, k) != getattr(b, k)]
 
 
 def config_from_dict(cls, d):
@@ -376,113 +382,6 @@ class Teacher(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLIP weights: OpenAI's checkpoint (a TorchScript archive as distributed, or a plain state dict)
-# read without running any of its code, mapped onto the ViT above
-
-
-class ScriptObject:
-    """Stands in for a TorchScript module while unpickling: it keeps the attributes, runs nothing."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class ScriptWeightsUnpickler(pickle.Unpickler):
-    """The data.pkl of a TorchScript archive -> its object tree with tensors. Allowed: module objects
-    (as ScriptObject), tensors whose bytes come from the archive, OrderedDict; nothing else."""
-
-    DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-              "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-              "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
-
-    def __init__(self, zf, root):
-        super().__init__(io.BytesIO(zf.read(f"{root}/data.pkl")))
-        self.zf, self.root = zf, root
-
-    def find_class(self, module, name):
-        if module == "__torch__" or module.startswith("__torch__."):
-            return ScriptObject
-        if module == "torch" and name in self.DTYPES:
-            return self.DTYPES[name]
-        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor, ("collections", "OrderedDict"): dict}
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} has no place in a weights file")
-        return allowed[(module, name)]
-
-    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the bytes of one storage
-        _, dtype, key, _, numel = pid
-        return torch.frombuffer(bytearray(self.zf.read(f"{self.root}/data/{key}")), dtype=dtype)[:numel]
-
-
-def rebuild_tensor(storage, offset, size, stride, *_):
-    return storage.as_strided(size, stride, offset)
-
-
-def named_tensors(obj, prefix=""):
-    """A ScriptObject tree -> {dotted name: tensor}, the keys a state_dict would have."""
-    out = {}
-    for k, v in (obj.state if isinstance(obj, ScriptObject) else obj).items():
-        if isinstance(v, torch.Tensor):
-            out[prefix + k] = v
-        elif isinstance(v, (ScriptObject, dict)):
-            out.update(named_tensors(v, f"{prefix}{k}."))
-    return out
-
-
-def read_weights(path):
-    """A weights file -> {name: tensor} without running code from it: a TorchScript archive is
-    unpickled by ScriptWeightsUnpickler, anything else by torch.load(weights_only=True)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
-                root = names[0].split("/")[0]
-                return named_tensors(ScriptWeightsUnpickler(zf, root).load())
-    sd = load_checkpoint(path)  # torch.load(weights_only=True), with its clear errors
-    return sd.get("state_dict", sd)
-
-
-def resize_positions(pos_1ND, grid):
-    """Position embeddings (1 + g*g, D) -> (1 + grid*grid, D): the class token's kept, the g x g patch
-    grid bicubic-resized, so CLIP at 224 px (14 x 14) can run at 256 px (16 x 16), as the
-    official --infer_interpolate."""
-    g = math.isqrt(pos_1ND.shape[0] - 1)
-    if g == grid:
-        return pos_1ND
-    patches = pos_1ND[1:].T.reshape(1, -1, g, g)  # (1, D, g, g)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos_1ND[:1], patches.reshape(-1, grid * grid).T])
-
-
-def load_clip(path, grid=None):
-    """OpenAI CLIP weights (ViT-B/16 or any other ViT) -> our ViT with QuickGELU; sizes come from the
-    tensor shapes, and grid (default: CLIP's own) resizes the position embeddings. Called on
-    CLIP-normalised images it returns the patch tokens after ln_post (B, N, width); its extra
-    `proj` (Linear, no bias) maps them to CLIP's embedding space."""
-    sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items() if k.startswith("visual.")}
-    if "conv1.weight" not in sd:
-        raise ValueError(f"{path} has no visual.conv1.weight: not a CLIP checkpoint with a ViT image encoder")
-    width, _, patch, _ = sd["conv1.weight"].shape
-    grid = grid or math.isqrt(sd["positional_embedding"].shape[0] - 1)
-    sd["positional_embedding"] = resize_positions(sd["positional_embedding"], grid)
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
-    vit = ViT(3, patch, grid, width, depth, width // 64, quick_gelu=True)  # CLIP: 64-d heads
-    ours = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",
-                               "ln_pre.bias", "ln_post.weight", "ln_post.bias")}
-    names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-             "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
-             "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias", "mlp.c_proj.weight": "mlp.2.weight",
-             "mlp.c_proj.bias": "mlp.2.bias", "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
-             "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias"}
-    for i in range(depth):
-        ours.update({f"blocks.{i}.{b}": sd[f"transformer.resblocks.{i}.{a}"] for a, b in names.items()})
-    vit.load_state_dict(ours)  # strict: a missing or misshapen tensor stops here
-    vit.proj = nn.Linear(width, sd["proj"].shape[1], bias=False)
-    vit.proj.weight.data.copy_(sd["proj"].T)  # CLIP applies x @ proj
-    return vit
-
-
-# ---------------------------------------------------------------------------------------------
 # Dual codebook: two l2-normalised tables, one shared index
 
 
@@ -532,6 +431,12 @@ def codebook_usage(counts):
     """A code histogram (K,) -> (fraction of the K codes hit at least once, its perplexity)."""
     p = counts.float() / counts.sum()
     return (p > 0).float().mean(), torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB of [-1, 1] images (B, 3, H, W) -> (B,), measured on [0, 1] with data
+    range 1 (inf if identical)."""
+    return -10 * torch.log10(((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,6 +737,194 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Losses of the real-scale recipe: LPIPS and a PatchGAN discriminator with hinge losses (VQGAN's)
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
+    features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
+    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,).
+    Weights: data/weights.py load_lpips."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)  # the indices of torchvision's vgg16().features
+        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))  # LPIPS's input
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))  # normalisation
+        self.requires_grad_(False)
+
+    def forward(self, x, y):
+        h, dist, lins = (torch.cat([x, y]) - self.shift) / self.scale, 0, iter(self.lins)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = f.chunk(2)
+                dist = dist + next(lins)((fx - fy) ** 2).mean((2, 3))
+        return dist.flatten()  # (B,)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as VQGAN uses it: 4x4 convs, three stride-2 with BatchNorm and
+    LeakyReLU(0.2) -> one real/fake logit per patch (B, 1, h, w)."""
+
+    def __init__(self, ch=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
+            c = c_out
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss (VQGAN); the generator's term is -mean(logits_fake)."""
+    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer):
+    """VQGAN's balance (Esser et al. 2021, eq. 7): ||grad rec|| / ||grad g|| at the decoder's last layer."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP weights: OpenAI's checkpoint (a TorchScript archive as distributed, or a plain state dict)
+# read without running any of its code, mapped onto the ViT above
+
+
+class ScriptObject:
+    """Stands in for a TorchScript module while unpickling: it keeps the attributes, runs nothing."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class ScriptWeightsUnpickler(pickle.Unpickler):
+    """The data.pkl of a TorchScript archive -> its object tree with tensors. Allowed: module objects
+    (as ScriptObject), tensors whose bytes come from the archive, OrderedDict; nothing else."""
+
+    DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+              "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+              "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+
+    def __init__(self, zf, root):
+        super().__init__(io.BytesIO(zf.read(f"{root}/data.pkl")))
+        self.zf, self.root = zf, root
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if module == "torch" and name in self.DTYPES:
+            return self.DTYPES[name]
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor, ("collections", "OrderedDict"): dict}
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a weights file")
+        return allowed[(module, name)]
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the bytes of one storage
+        _, dtype, key, _, numel = pid
+        return torch.frombuffer(bytearray(self.zf.read(f"{self.root}/data/{key}")), dtype=dtype)[:numel]
+
+
+def rebuild_tensor(storage, offset, size, stride, *_):
+    return storage.as_strided(size, stride, offset)
+
+
+def named_tensors(obj, prefix=""):
+    """A ScriptObject tree -> {dotted name: tensor}, the keys a state_dict would have."""
+    out = {}
+    for k, v in (obj.state if isinstance(obj, ScriptObject) else obj).items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+        elif isinstance(v, (ScriptObject, dict)):
+            out.update(named_tensors(v, f"{prefix}{k}."))
+    return out
+
+
+def read_weights(path):
+    """A weights file -> {name: tensor} without running code from it: a TorchScript archive is
+    unpickled by ScriptWeightsUnpickler, anything else by torch.load(weights_only=True)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
+                root = names[0].split("/")[0]
+                return named_tensors(ScriptWeightsUnpickler(zf, root).load())
+    sd = load_checkpoint(path)  # torch.load(weights_only=True), with its clear errors
+    return sd.get("state_dict", sd)
+
+
+def resize_positions(pos_1ND, grid):
+    """Position embeddings (1 + g*g, D) -> (1 + grid*grid, D): the class token's kept, the g x g patch
+    grid bicubic-resized, so CLIP at 224 px (14 x 14) can run at 256 px (16 x 16), as the
+    official --infer_interpolate."""
+    g = math.isqrt(pos_1ND.shape[0] - 1)
+    if g == grid:
+        return pos_1ND
+    patches = pos_1ND[1:].T.reshape(1, -1, g, g)  # (1, D, g, g)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_1ND[:1], patches.reshape(-1, grid * grid).T])
+
+
+def load_clip(path, grid=None):
+    """OpenAI CLIP weights (ViT-B/16 or any other ViT) -> our ViT with QuickGELU; sizes come from the
+    tensor shapes, and grid (default: CLIP's own) resizes the position embeddings. Called on
+    CLIP-normalised images it returns the patch tokens after ln_post (B, N, width); its extra
+    `proj` (Linear, no bias) maps them to CLIP's embedding space."""
+    sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items() if k.startswith("visual.")}
+    if "conv1.weight" not in sd:
+        raise ValueError(f"{path} has no visual.conv1.weight: not a CLIP checkpoint with a ViT image encoder")
+    width, _, patch, _ = sd["conv1.weight"].shape
+    grid = grid or math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    sd["positional_embedding"] = resize_positions(sd["positional_embedding"], grid)
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    vit = ViT(3, patch, grid, width, depth, width // 64, quick_gelu=True)  # CLIP: 64-d heads
+    ours = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",
+                               "ln_pre.bias", "ln_post.weight", "ln_post.bias")}
+    names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+             "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
+             "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias", "mlp.c_proj.weight": "mlp.2.weight",
+             "mlp.c_proj.bias": "mlp.2.bias", "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+             "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias"}
+    for i in range(depth):
+        ours.update({f"blocks.{i}.{b}": sd[f"transformer.resblocks.{i}.{a}"] for a, b in names.items()})
+    vit.load_state_dict(ours)  # strict: a missing or misshapen tensor stops here
+    vit.proj = nn.Linear(width, sd["proj"].shape[1], bias=False)
+    vit.proj.weight.data.copy_(sd["proj"].T)  # CLIP applies x @ proj
+    return vit
+
+
+def clip_teacher(path, cfg):
+    """CLIP weights as a Teacher for cfg (position embeddings resized to cfg.grid); the ViT sizes
+    come from the weights and must be the preset's (ValueError naming both otherwise)."""
+    vit = load_clip(path, grid=cfg.grid)
+    found = {"patch_size": vit.conv1.kernel_size[0], "vit_width": len(vit.class_embedding),
+             "vit_depth": len(vit.blocks), "vit_heads": vit.blocks[0].attn.heads,
+             "teacher_dim": vit.proj.out_features, "vit_stem_ch": 0, "vit_quick_gelu": True}
+    diff = [f"{k} = {v} vs {getattr(cfg, k)}" for k, v in found.items() if v != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"CLIP weights {path} vs the preset differ in {'; '.join(diff)} (CLIP vs preset)")
+    teacher = Teacher(cfg)
+    teacher.proj.load_state_dict(vit.proj.state_dict())
+    del vit.proj
+    teacher.vit.load_state_dict(vit.state_dict())
+    return teacher
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and primitives, so torch.load(weights_only=True) reads them
 
 
@@ -861,6 +954,17 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
+def tokenizer_id(tokenizer):
+    """SHA-256 of what decides the ids: both encoders and the codebook (not the decoders, so a
+    finetuned decoder keeps its token files and GPT)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tokenizer.state_dict().items()):
+        if name.startswith(("sem_enc", "pix_enc", "codebook")):
+            h.update(name.encode())
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_model(path, kind, tokenizer=None):
     """Rebuild a 'teacher', 'tokenizer' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
     with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
@@ -868,11 +972,13 @@ def load_model(path, kind, tokenizer=None):
     ckpt = load_checkpoint(path, kind)
     if kind == "gpt":
         theirs = config_from_dict(TokenizerConfig, ckpt["tokenizer_config"])
-        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
-                ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
+        diff = config_diff(theirs, tokenizer.cfg, ("codebook_size", "scales", "sem_dim", "pix_dim"))
         if diff:
             raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
                              "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
+        if ckpt.get("tokenizer_id", tokenizer_id(tokenizer)) != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
+            raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
+                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt)")
         model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])

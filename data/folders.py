@@ -1,0 +1,155 @@
+"""
+Image files: the ImageFolder layout (root/<class>/.../<image>: ImageNet, CIFAR-10 after
+data/cifar10/prepare.py, your own), reading one file robustly, and writing image grids.
+"""
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def scan_folder(root, cache_dir):
+    """root/<class>/.../<image> -> (classes, [[path relative to root, class index], ...]), classes =
+    sorted sub-folders. The scan of a big tree (ImageNet: 1.28M files) is cached in cache_dir and
+    reused while the class folders' modification times are unchanged (adding or removing a file
+    changes them)."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no folder {root}; see data/imagenet/README.md for the expected layout")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<image> "
+                         "(see data/imagenet/README.md)")
+    key = {"root": root, "mtimes": [os.stat(os.path.join(root, c)).st_mtime_ns for c in classes]}
+    cache = os.path.join(cache_dir, f"filelist_{hashlib.sha256(root.encode()).hexdigest()[:12]}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return classes, cached["files"]
+    files = []
+    for ci, c in enumerate(classes):
+        for folder, _, names in sorted(os.walk(os.path.join(root, c))):
+            files += [[os.path.relpath(os.path.join(folder, n), root), ci] for n in sorted(names)
+                      if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"  # one per process: torchrun's ranks may scan at once
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "files": files}, f)
+    os.replace(tmp, cache)
+    return classes, files
+
+
+BAD_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
+def read_rgb(path):
+    """An image file -> an RGB PIL image: EXIF orientation applied, 16-bit grey scaled (not clipped)
+    from the full 16-bit range to 8 bits, transparency composited over white, CMYK / palette / grey converted. A zero-byte,
+    truncated, non-image or unreadable file raises one of BAD_IMAGE."""
+    with Image.open(path) as img:
+        img.load()  # decode now, so a truncated file fails here
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * 255 / 65535).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # (P, L and RGB: a transparent key)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Images in the ImageFolder layout, as (image (3, S, S) in [-1, 1], class). augment: a random
+    resized crop keeping >= 80% of the area (the official TokenFlow pipeline) and a horizontal
+    flip; otherwise the centre square, resized to S. A file that cannot be read is replaced by the
+    next readable one, with a warning line; `unreadable` counts them across worker processes."""
+
+    def __init__(self, root, image_size, augment, cache_dir):
+        self.root, self.image_size, self.augment = os.path.abspath(root), image_size, augment
+        self.classes, self.files = scan_folder(root, cache_dir)
+        self.num_classes = len(self.classes)
+        self.unreadable = multiprocessing.Value("q", 0)
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, i):
+        """-> (RGB image, class) of file i, or of the next readable file after it. A bad file is
+        counted and reported when its own index is read (once an epoch), not when passed over."""
+        tries = min(len(self.files), 100)
+        for j in range(tries):
+            path, label = self.files[(i + j) % len(self.files)]
+            try:
+                return read_rgb(os.path.join(self.root, path)), label
+            except BAD_IMAGE as e:
+                if j == 0:
+                    with self.unreadable.get_lock():
+                        self.unreadable.value += 1
+                    print(f"warning: skipping unreadable image {os.path.join(self.root, path)} "
+                          f"({type(e).__name__}: {e})", file=sys.stderr)
+        raise ValueError(f"{self.root}: {tries} image files in a row, from {self.files[i][0]}, cannot be read; "
+                         "check the files and the disk (see the warnings above)")
+
+    def crop_box(self, w, h):
+        """(left, top, right, bottom) of the crop: random (area 80-100%, aspect 3/4-4/3) or centre."""
+        for _ in range(10 if self.augment else 0):  # as torchvision's RandomResizedCrop
+            area = w * h * (0.8 + 0.2 * torch.rand(()).item())
+            ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(()).item())
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if cw <= w and ch <= h:
+                left, top = torch.randint(0, w - cw + 1, ()).item(), torch.randint(0, h - ch + 1, ()).item()
+                return left, top, left + cw, top + ch
+        return centre_box(w, h)
+
+    def __getitem__(self, i):
+        img, label = self.read(i)
+        img = img.resize((self.image_size, self.image_size), Image.BICUBIC, box=self.crop_box(*img.size))
+        if self.augment and torch.rand(()) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(img), label
+
+
+def centre_box(w, h):
+    """(left, top, right, bottom) of the largest centred square of a w x h image."""
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def to_tensor(img):
+    """An RGB PIL image -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def load_images(paths, size):
+    """Image files -> (N, 3, size, size) in [-1, 1]: centre square, resized; a bad file raises
+    ValueError naming it."""
+    out = []
+    for path in paths:
+        try:
+            img = read_rgb(path)
+        except BAD_IMAGE as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        out.append(to_tensor(img.resize((size, size), Image.BICUBIC, box=centre_box(*img.size))))
+    return torch.stack(out)
+
+
+def to_uint8(x_B3HW):
+    """[-1, 1] images -> (B, H, W, 3) uint8 numpy, the layout of image files and the ADM suite."""
+    return ((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(rows, path, zoom=3):
+    """rows: list of (B, 3, S, S) tensors in [-1, 1], one grid row each -> PNG, nearest-upscaled."""
+    img = np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)  # (rows*S, B*S, 3)
+    Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST).save(path)

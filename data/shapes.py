@@ -1,0 +1,100 @@
+"""
+Synthetic shapes, the toy run's data: 8 classes told apart by geometry alone, with colour, size,
+position, rotation and a textured background drawn independently of the class, so that
+semantics (class) and appearance (pixels) are separable. Rendered on the fly, deterministic per
+(seed, split, index); the 'val' split never repeats a 'train' image.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SHAPES = ["disk", "ring", "triangle", "square", "plus", "star", "crescent", "bar"]
+PALETTE = np.array([  # foreground colours, saturated so they stand out of the grey backgrounds
+    [0.90, 0.15, 0.15], [0.15, 0.75, 0.20], [0.20, 0.35, 0.95], [0.95, 0.85, 0.15],
+    [0.85, 0.20, 0.85], [0.10, 0.85, 0.90], [0.98, 0.55, 0.10], [0.55, 0.25, 0.85],
+], dtype=np.float32)
+COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
+
+
+def shape_sdf(cls, u, v):
+    """Approximate signed distance (negative inside, in units of the shape radius) of every shape
+    class at local coordinates u, v (B, H, W); -> (B, H, W) for the requested classes cls (B,)."""
+    r, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+
+    def ngon(k, radius):  # regular k-gon with the given circumradius
+        a = 2 * math.pi / k
+        return r * torch.cos(torch.remainder(theta, a) - a / 2) - radius * math.cos(math.pi / k)
+
+    def box(hx, hy):
+        qx, qy = u.abs() - hx, v.abs() - hy
+        return torch.sqrt(qx.clamp_min(0) ** 2 + qy.clamp_min(0) ** 2) + torch.maximum(qx, qy).clamp_max(0)
+
+    spikes = torch.abs(torch.remainder(theta * 5 / (2 * math.pi), 1.0) * 2 - 1)  # 1 at the 5 tips
+    all_sdf = torch.stack([
+        r - 1,  # disk
+        (r - 0.72).abs() - 0.28,  # ring
+        ngon(3, 1.15),  # triangle
+        ngon(4, 1.0),  # square
+        torch.minimum(box(1.0, 0.32), box(0.32, 1.0)),  # plus
+        (r - (0.42 + 0.65 * spikes ** 2)) * 0.6,  # star (scaled: the radial gap overstates distance)
+        torch.maximum(r - 1, 0.8 - torch.sqrt((u - 0.5) ** 2 + v * v)),  # crescent
+        box(1.05, 0.3),  # bar
+    ], dim=1)  # (B, 8, H, W)
+    return all_sdf.gather(1, cls.view(-1, 1, 1, 1).expand(-1, 1, *u.shape[1:])).squeeze(1)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """size images, each drawn from its own RNG keyed by (seed, split, index): deterministic, and the
+    'val' split never repeats a 'train' image. Items are (image (3, S, S) in [-1, 1], class)."""
+
+    classes = SHAPES
+    num_classes = len(SHAPES)
+
+    def __init__(self, size, image_size=32, seed=0, split="train"):
+        self.size, self.image_size, self.seed, self.split = size, image_size, seed, split
+
+    def __len__(self):
+        return self.size
+
+    def params(self, indices):
+        """Draw every random choice of the given images -> dict of (B, ...) tensors."""
+        rows = []
+        for i in indices:
+            g = np.random.default_rng([self.seed, {"train": 0, "val": 1}[self.split], int(i)])
+            rows.append(dict(
+                cls=g.integers(len(SHAPES)), colour=g.integers(len(PALETTE)),
+                jitter=g.uniform(-0.06, 0.06, 3), centre=g.uniform(0.35, 0.65, 2), radius=g.uniform(0.26, 0.36),
+                angle=g.uniform(0, 2 * math.pi), bg=g.uniform(0.2, 0.55) + g.uniform(-0.05, 0.05, 3),
+                stripe=[g.uniform(0, math.pi), g.uniform(3, 8), g.uniform(0, 2 * math.pi), g.uniform(0.03, 0.08)],
+                noise=g.normal(0, 0.04, (1, 8, 8)),
+            ))
+        return {k: torch.tensor(np.stack([r[k] for r in rows]), dtype=torch.float32) for k in rows[0]}
+
+    def render(self, p):
+        """params -> images (B, 3, S, S) in [-1, 1]."""
+        S, B = self.image_size, p["cls"].shape[0]
+        yy, xx = torch.meshgrid(*(2 * [(torch.arange(S) + 0.5) / S]), indexing="ij")  # pixel centres in [0, 1]
+        # 1. background: grey-ish base, one sine grating, smooth low-frequency noise
+        ang, freq, phase, amp = p["stripe"].unbind(1)
+        wave = xx * torch.cos(ang).view(B, 1, 1) + yy * torch.sin(ang).view(B, 1, 1)
+        bg = p["bg"].view(B, 3, 1, 1) + (amp.view(B, 1, 1) * torch.sin(2 * math.pi * freq.view(B, 1, 1) * wave
+                                                                        + phase.view(B, 1, 1))).unsqueeze(1)
+        bg = bg + F.interpolate(p["noise"], size=(S, S), mode="bilinear", align_corners=False)
+        # 2. foreground: rotate/scale pixel coordinates into the shape's frame, anti-aliased edge
+        dx, dy = xx - p["centre"][:, 0].view(B, 1, 1), yy - p["centre"][:, 1].view(B, 1, 1)
+        c, s, rad = torch.cos(p["angle"]).view(B, 1, 1), torch.sin(p["angle"]).view(B, 1, 1), p["radius"].view(B, 1, 1)
+        sdf = shape_sdf(p["cls"].long(), (c * dx + s * dy) / rad, (-s * dx + c * dy) / rad)
+        alpha = (0.5 - sdf * rad * S).clamp(0, 1).unsqueeze(1)  # distance in pixels -> coverage
+        fg = (torch.from_numpy(PALETTE)[p["colour"].long()] + p["jitter"]).view(B, 3, 1, 1)
+        return ((alpha * fg + (1 - alpha) * bg).clamp(0, 1) * 2 - 1)
+
+    def __getitems__(self, indices):  # the DataLoader renders a whole batch in one call
+        p = self.params(indices)
+        return list(zip(self.render(p), p["cls"].long()))
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+

@@ -1,0 +1,447 @@
+"""
+Measure a trained tokenizer and GPT: the metric functions train.py also uses, and three commands.
+
+    python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD-teacher
+    python evaluate.py probe [--pool grid]                # linear probes on each half of the codes
+    python evaluate.py export --num-images 50000          # out/samples.npz for the ADM suite (gFID, IS)
+    python evaluate.py export --ref --num-images 50000    # out/reference.npz: real held-out images
+    python evaluate.py export --recon --num-images 50000  # out/reconstructions.npz: the same, reconstructed (rFID)
+
+@@DOC@@
+"""
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tokenflow as tf
+from data import DATASETS, eval_loader, make_dataset, resolve_data_path, save_atomically
+from data.folders import save_grid, to_uint8
+from data.shapes import PALETTE, ShapesDataset
+from data.weights import load_teacher, teacher_path
+
+EVAL_IMAGES = 1024  # held-out images per evaluation
+SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items() if k not in ("self", "labels", "generator")}
+DEFAULT_CFG = SAMPLING["cfg"]  # GPT.generate's guidance weight, recorded with class_acc
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def autocast_ctx(device, dtype):
+    """Autocast for 'bfloat16' / 'float16' forwards on device; nothing for 'float32'."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per-image SSIM (Wang et al. 2004) of [-1, 1] images (B, C, H, W) -> (B,), measured on [0, 1]
+    with data range 1: a Gaussian window (11 x 11, sigma 1.5; at most the image side) per channel, no
+    padding, C1 = 0.01^2, C2 = 0.03^2. (The official TokenFlow evaluation passes data range 2.0,
+    which quadruples C1 and C2 for [0, 1] images and so scores higher than the standard definition.)"""
+    if x.device.type == "mps":  # MPS has no float64
+        x, y = x.cpu(), y.cpu()
+    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2  # float64: E[x^2] - E[x]^2 cancels badly in float32
+    window, ch = min(window, x.shape[-1]), x.shape[1]
+    g = torch.exp(-((torch.arange(window, device=x.device, dtype=x.dtype) - (window - 1) / 2) / sigma) ** 2 / 2)
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(ch, 1, window, window)
+
+    def blur(t):  # the local weighted mean of each channel
+        return F.conv2d(t, kernel, groups=ch)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def frechet_distance(a_ND, b_MD):
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D), FID's formula
+    (Heusel et al. 2017): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). tr (S_a S_b)^1/2 is the
+    sum of the square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, which is symmetric PSD: two
+    eigh calls in float64 instead of scipy's sqrtm."""
+    a, b = a_ND.double(), b_MD.double()
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(s_a)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T  # S_a^1/2
+    m = root_a @ s_b @ root_a
+    cross = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()  # symmetric up to rounding
+    return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+
+
+def linear_probe(x_train, y_train, x_val, y_val, num_classes, steps=100, weight_decay=1e-4):
+    """Multinomial logistic regression on standardised features, trained with full-batch L-BFGS for a
+    fixed budget of steps from zero weights (so it is deterministic) -> held-out accuracy."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    probe = nn.Linear(x_train.shape[1], num_classes)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x_train), y_train) + weight_decay * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return (probe(x_val).argmax(1) == y_val).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tokenizer, teacher, loader, device, dtype="float32", reduce=lambda t: t, grid_png=None):
+    """Held-out PSNR and SSIM, codebook usage and perplexity (over all tokens, and per scale: a scale
+    of side s can hit at most images * s^2 codes), semantic cosine to the teacher and, with a toy
+    teacher, how often it classifies the reconstructions right (recon_acc). The tokens go through
+    the real path (encode -> ids -> decode). reduce sums a tensor over ranks (train.py's all_sum
+    under torchrun, each rank with its share of the loader). The first 16 reconstructions go to
+    grid_png (None: no image)."""
+    tokenizer.eval()
+    cfg, has_sem, has_head = tokenizer.cfg, tokenizer.sem_dec is not None, teacher.head is not None
+    sums = dict.fromkeys(["images", "psnr", "ssim", "sem_cos", "recon_acc"], 0.0)
+    counts = torch.zeros(len(cfg.scales), cfg.codebook_size, device=device)  # code histogram per scale
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        with autocast_ctx(device, dtype):
+            idx = tokenizer.encode(x)
+            f_hat = tokenizer.indices_to_features(idx)
+            x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
+            if has_sem:
+                sem = tokenizer.semantic_decode(f_hat).float()
+                sums["sem_cos"] += F.cosine_similarity(sem, teacher.features(x).float(), dim=-1).mean(1).sum().item()
+            if has_head:
+                sums["recon_acc"] += (teacher(x_rec).argmax(1) == y).sum().item()
+        if i == 0 and grid_png:
+            save_grid([x[:16], x_rec[:16]], grid_png)
+        sums["images"] += len(x)
+        sums["psnr"] += tf.psnr(x_rec, x).clamp_max(100).sum().item()  # an exact copy is inf dB: keep the mean finite
+        sums["ssim"] += ssim(x_rec, x).sum().item()
+        for k, ids in enumerate(idx.split([s * s for s in cfg.scales], dim=1)):
+            counts[k] += torch.bincount(ids.flatten(), minlength=cfg.codebook_size)
+    totals = dict(zip(sums, reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    counts = reduce(counts)
+    usage, perplexity = tf.codebook_usage(counts.sum(0))
+    per_scale = [tf.codebook_usage(c) for c in counts]
+    kept = ["psnr", "ssim"] + ["sem_cos"] * has_sem + ["recon_acc"] * has_head
+    return {**{k: totals[k] / totals["images"] for k in kept}, "usage": usage.item(), "perplexity": perplexity.item(),
+            "usage_per_scale": [round(u.item(), 4) for u, _ in per_scale],
+            "perplexity_per_scale": [round(p.item(), 2) for _, p in per_scale]}
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher, loader, device, dtype="float32", reduce=lambda t: t):
+    """The teacher's held-out class accuracy -> {"acc": ...}; reduce sums over ranks."""
+    teacher.eval()
+    correct = seen = 0
+    for x, y in loader:
+        with autocast_ctx(device, dtype):
+            correct += (teacher(x.to(device)).argmax(1).cpu() == y).sum().item()
+        seen += len(y)
+    correct, seen = reduce(torch.tensor([correct, seen], dtype=torch.float64)).tolist()
+    return {"acc": correct / seen}
+
+
+@torch.no_grad()
+def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
+    """Held-out next-token loss (nats) and token accuracy, overall and per scale, of a GPT on a loader
+    of (ids (B, L), labels (B,)); reduce sums over ranks."""
+    gpt.eval()
+    S, level = len(gpt.scales), gpt.level.cpu()
+    loss, hits, counts = torch.zeros(1, dtype=torch.float64), torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+    for idx, y in loader:
+        idx, y = idx.to(device), y.to(device)
+        with autocast_ctx(device, dtype):
+            logits = gpt(idx, y)  # (B, L, K)
+        loss += F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten(), reduction="sum").item()
+        correct = (logits.argmax(-1) == idx).double().sum(0).cpu()  # (L,)
+        hits.index_add_(0, level, correct)
+        counts.index_add_(0, level, torch.full_like(correct, len(idx)))
+    loss, hits, counts = reduce(torch.cat([loss, hits, counts])).split([1, S, S])
+    return {"loss": (loss / counts.sum()).item(), "acc": (hits.sum() / counts.sum()).item(),
+            "acc_per_scale": [round(a, 4) for a in (hits / counts).tolist()]}
+
+
+@torch.no_grad()
+def class_accuracy(gpt, tokenizer, teacher, cfg, seed, device, dtype="float32", per_class=10):
+    """per_class samples of every class at guidance cfg -> how often the teacher's class head picks the
+    requested class (1) on the decoded images and (2) on the semantic features decoded from the same
+    ids (the understanding path: do the generated ids carry the class?; None without a semantic half)."""
+    gpt.eval()
+    labels = torch.arange(gpt.cfg.num_classes, device=device).repeat_interleave(per_class)
+    with autocast_ctx(device, dtype):
+        idx = gpt.generate(labels, cfg=cfg, generator=torch.Generator(device).manual_seed(seed))
+        image = (teacher(tokenizer.decode(idx)).argmax(1) == labels).float().mean().item()
+        if tokenizer.sem_dec is None:  # --codebook pixel: no semantic features to read
+            return image, None
+        sem = teacher.head(tokenizer.semantic_features(idx).mean(1)).argmax(1)
+    return image, (sem == labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: generated images, the teacher's view, the probe's inputs
+
+
+@torch.no_grad()
+def generated_batches(gpt, tokenizer, labels, batch_size, seed, device, dtype, **options):
+    """Sample ids for labels (N,) in batches from one seeded generator -> yields (labels (b,),
+    ids (b, L), images (b, 3, H, W) in [-1, 1])."""
+    g = torch.Generator(device).manual_seed(seed)
+    for y in labels.to(device).split(batch_size):
+        with autocast_ctx(device, dtype):
+            ids = gpt.generate(y, generator=g, **options)
+            yield y, ids, tokenizer.decode(ids).float()
+
+
+@torch.no_grad()
+def teacher_features(teacher, dataset, batch_size, device, dtype):
+    """Mean-pooled teacher features (N, T) and labels (N,) of a dataset, in order."""
+    feats, labels = [], []
+    for x, y in eval_loader(dataset, batch_size):
+        with autocast_ctx(device, dtype):
+            feats.append(teacher.features(x.to(device)).float().mean(1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def code_features(tokenizer, teacher, dataset, pool, batch_size, device, dtype):
+    """The probe's inputs for every image of a dataset -> ({kind: (N, d)}, labels (N,)). Kinds: the
+    semantic and the pixel half of the quantized codes (ids -> codes, the real path), both together,
+    and the continuous teacher features; each (B, d, n, n) map mean-pooled over the grid
+    (pool 'mean') or flattened, position by position (pool 'grid')."""
+    sem_dim, pix_dim, n = tokenizer.cfg.sem_dim, tokenizer.cfg.pix_dim, tokenizer.cfg.grid
+    flat = (lambda f: f.mean((2, 3))) if pool == "mean" else (lambda f: f.flatten(1))
+    feats, labels = {}, []
+    for x, y in eval_loader(dataset, batch_size):
+        x = x.to(device)
+        with autocast_ctx(device, dtype):
+            f = tokenizer.indices_to_features(tokenizer.encode(x)).float()  # (B, C, n, n)
+            t = teacher.features(x).float().transpose(1, 2).unflatten(2, (n, n))  # (B, T, n, n)
+        kinds = {"semantic": f[:, :sem_dim] if sem_dim else None, "pixel": f[:, sem_dim:] if pix_dim else None,
+                 "both": f if sem_dim and pix_dim else None, "teacher": t}
+        for kind, v in kinds.items():
+            if v is not None:
+                feats.setdefault(kind, []).append(flat(v).cpu())
+        labels.append(y)
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="eval", choices=["eval", "probe", "export"])
+    p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt, gpt.pt and teacher.pt")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt)")
+    p.add_argument("--out", default=None, help="export: output file (default: OUT_DIR/samples.npz, "
+                   "reference.npz or reconstructions.npz)")
+    # the held-out split of the tokenizer's dataset, as train.py builds it
+    p.add_argument("--teacher", default=None, help="'toy' (OUT_DIR/teacher.pt), 'clip-vit-b16' or a path, as "
+                   "train.py --teacher (default: the tokenizer's)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the tokenizer's (its checkpoint says)")
+    p.add_argument("--data-path", default=None, help="root of a folder dataset (default: the tokenizer's)")
+    p.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images for eval and probe")
+    p.add_argument("--num-images", type=int, default=None, help="generated images for eval (default: "
+                   "--eval-images) and export (default: 50,000); real held-out images for export --ref")
+    p.add_argument("--probe-images", type=int, default=4096, help="training images the probes fit")
+    p.add_argument("--pool", default="mean", choices=["mean", "grid"], help="probe features: mean over the token "
+                   "grid, or the whole grid flattened (keeps where things are; n*n times wider: toy sizes)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--ref", action="store_true", help="export real centre-cropped held-out images instead")
+    what.add_argument("--recon", action="store_true", help="export the tokenizer's reconstructions of them instead")
+    p.add_argument("--batch-size", type=int, default=256, help="images per generation or encoding batch")
+    # generation (eval, export): GPT.generate's defaults, as sample.py
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance weight of the guided row; eval "
+                   "also measures cfg 0")
+    p.add_argument("--cfg-schedule", default=SAMPLING["cfg_schedule"], choices=["linear", "constant"])
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="softmax temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=SAMPLING["top_k"], help="sample from the k most likely ids; 0 = all")
+    p.add_argument("--top-p", type=float, default=SAMPLING["top_p"], help="nucleus sampling mass; 0 = off")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype of the forward passes")
+    args = p.parse_args(argv)
+    for name in ("eval_images", "num_images", "probe_images", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.top_k < 0 or not 0 <= args.top_p <= 1 or args.cfg < 0 or not args.temperature > 0:
+        p.error("--top-k must be >= 0, --top-p in [0, 1], --cfg >= 0 (0 = off) and --temperature > 0")
+    if (args.ref or args.recon) and args.mode != "export":
+        p.error("--ref and --recon choose what export writes; use them with export")
+    if args.pool != "mean" and args.mode != "probe":
+        p.error("--pool is for probe")
+    return args
+
+
+class Run:
+    """What every command reads: the tokenizer, and the teacher, data and seed it was trained with
+    (its checkpoint names them; flags override)."""
+
+    def __init__(self, args):
+        self.args, path = args, args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt")
+        tokenizer, ckpt = tf.load_model(path, "tokenizer")
+        self.tokenizer, self.tokenizer_path = tokenizer.to(args.device).eval(), path
+        trained = ckpt.get("args", {})
+        self.dataset = args.dataset or trained.get("dataset", "shapes")
+        same = self.dataset == trained.get("dataset")
+        self.data_path = resolve_data_path(self.dataset, args.data_path or (trained.get("data_path") if same else None))
+        self.seed = trained.get("seed", 0) if same else 0  # the shapes held-out split depends on it
+        self.teacher_name = args.teacher or trained.get("teacher", "toy")
+
+    def data(self, split, size, augment=False):
+        return make_dataset(self.dataset, self.data_path, split, self.tokenizer.cfg.image_size, size, self.seed,
+                            augment, cache_dir=self.args.out_dir)
+
+    def teacher(self):
+        return load_teacher(teacher_path(self.teacher_name, self.args.out_dir), self.tokenizer.cfg).to(self.args.device)
+
+    def gpt(self):
+        return tf.load_model(os.path.join(self.args.out_dir, "gpt.pt"), "gpt", self.tokenizer)[0].to(self.args.device).eval()
+
+    def samples(self, gpt, n, cfg):
+        """n class-balanced samples at guidance cfg, in batches -> (labels, ids, images)."""
+        a = self.args
+        return generated_batches(gpt, self.tokenizer, torch.arange(n) % gpt.cfg.num_classes, a.batch_size, a.seed,
+                                 a.device, a.dtype, cfg=cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
+                                 top_k=a.top_k, top_p=a.top_p)
+
+    def log(self, rows):
+        with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def print_table(rows, columns):
+    print(" | ".join(f"{c:>14}" for c in columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:>14.4g}" if isinstance(row.get(c), float) else f"{str(row.get(c, '-')):>14}"
+                         for c in columns))
+
+
+@torch.no_grad()
+def generated_row(run, gpt, teacher, real, cfg):
+    """--num-images samples at guidance cfg -> FD-teacher against the held-out features `real` and,
+    with a toy teacher, class_acc (its head on the image) and sem_class_acc (its head on the semantic
+    features decoded from the same ids)."""
+    n, tokenizer = run.args.num_images or run.args.eval_images, run.tokenizer
+    feats, hits, sem_hits = [], 0, 0
+    for y, ids, x in run.samples(gpt, n, cfg):
+        f = teacher.features(x).float().mean(1)  # (b, T)
+        feats.append(f.cpu())
+        if teacher.head is not None:
+            hits += (teacher.head(f).argmax(1) == y).sum().item()
+            if tokenizer.sem_dec is not None:
+                sem_hits += (teacher.head(tokenizer.semantic_features(ids).float().mean(1)).argmax(1) == y).sum().item()
+    row = {"stage": "eval", "split": "generated", "cfg": cfg, "images": n,
+           "fd_teacher": frechet_distance(torch.cat(feats), real)}
+    if teacher.head is not None:
+        row["class_acc"] = hits / n
+        if tokenizer.sem_dec is not None:
+            row["sem_class_acc"] = sem_hits / n
+    return row
+
+
+def evaluate(run):
+    """The tokenizer on the held-out split (evaluate_tokenizer); then, if OUT_DIR/gpt.pt exists,
+    generated images at cfg 0 and at --cfg (generated_row), with fd_teacher_real: the FD of as many
+    real training images, what a perfect generator scores at this sample size."""
+    a, teacher = run.args, run.teacher()
+    val = run.data("val", a.eval_images)
+    rows = [{"stage": "eval", "split": "val", "tokenizer": run.tokenizer_path,
+             **evaluate_tokenizer(run.tokenizer, teacher, eval_loader(val, 128), a.device, a.dtype)}]
+    if os.path.exists(os.path.join(a.out_dir, "gpt.pt")):
+        gpt, n = run.gpt(), a.num_images or a.eval_images
+        real, _ = teacher_features(teacher, val, a.batch_size, a.device, a.dtype)
+        floor = frechet_distance(teacher_features(teacher, run.data("train", n), a.batch_size, a.device, a.dtype)[0],
+                                 real)
+        for cfg in dict.fromkeys((0.0, a.cfg)):
+            rows.append({**generated_row(run, gpt, teacher, real, cfg), "fd_teacher_real": floor})
+    else:
+        print(f"no {a.out_dir}/gpt.pt: the tokenizer only")
+    run.log(rows)
+    names = ["held-out"] + [f"generated cfg {row['cfg']:g}" for row in rows[1:]]
+    keys = dict.fromkeys(k for row in rows for k in row if k not in ("stage", "split", "tokenizer", "cfg"))
+    print_table([{"metric": k, **{name: row.get(k, "-") for name, row in zip(names, rows)}} for k in keys],
+                ["metric", *names])
+    return rows
+
+
+def probe(run):
+    """Linear probes on pooled features (see code_features): the class and, on shapes, the foreground
+    colour, fit on --probe-images training images, scored on the held-out split."""
+    a, teacher = run.args, run.teacher()
+    fit_set, val_set = run.data("train", a.probe_images), run.data("val", a.eval_images)
+    (fit, fit_y), (val, val_y) = (code_features(run.tokenizer, teacher, d, a.pool, a.batch_size, a.device, a.dtype)
+                                  for d in (fit_set, val_set))
+    targets = {"class": (fit_y, val_y, val_set.num_classes)}
+    if isinstance(val_set, ShapesDataset):  # appearance, drawn independently of the class
+        colour = [d.params(range(len(d)))["colour"].long() for d in (fit_set, val_set)]
+        targets["colour"] = (*colour, len(PALETTE))
+    rows = []
+    for kind in fit:
+        row = {"stage": "probe", "features": kind, "pool": a.pool, "dim": fit[kind].shape[1]}
+        for target, (y_fit, y_val, k) in targets.items():
+            row[f"{target}_acc"] = linear_probe(*(t.to(a.device) for t in (fit[kind], y_fit, val[kind], y_val)), k)
+        rows.append({**row, "fit_images": len(fit_y), "val_images": len(val_y)})
+    run.log(rows)
+    print_table(rows, ["features", "pool", "dim"] + [f"{t}_acc" for t in targets])
+    return rows
+
+
+def export(run):
+    """N class-balanced generated images or, with --ref, N real centre-cropped held-out images (with
+    --recon, their reconstructions) as uint8 (N, H, W, 3) under arr_0, labels under arr_1: the .npz
+    layout of the ADM evaluation suite (Dhariwal & Nichol 2021,
+    https://github.com/openai/guided-diffusion/tree/main/evaluations), which VAR and LlamaGen report
+    FID and IS with."""
+    a, tokenizer = run.args, run.tokenizer
+    n, size = a.num_images or 50_000, tokenizer.cfg.image_size
+    images, labels = np.empty((n, size, size, 3), np.uint8), np.empty(n, np.int64)
+    if a.ref or a.recon:
+        dataset = run.data("val", n)
+        if len(dataset) < n:
+            raise ValueError(f"the held-out split has {len(dataset)} images; ask for --num-images {len(dataset)} or fewer")
+        batches = ((y, x.to(a.device)) for x, y in eval_loader(dataset, a.batch_size))
+        if a.recon:
+            batches = ((y, tokenizer.decode(tokenizer.encode(x))) for y, x in batches)
+    else:
+        batches = ((y, x) for y, _, x in run.samples(run.gpt(), n, a.cfg))
+    start = 0
+    for y, x in batches:
+        images[start:start + len(x)], labels[start:start + len(x)] = to_uint8(x), y.cpu().numpy()
+        start += len(x)
+    name = "reference.npz" if a.ref else "reconstructions.npz" if a.recon else "samples.npz"
+    out = a.out or os.path.join(a.out_dir, name)
+    save_atomically(out, np.savez, arr_0=images, arr_1=labels)
+    print(f"wrote {out}: arr_0 {images.shape} uint8 ({name[:-4]}), arr_1 labels")
+    return out
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = get_args(argv)
+    return {"eval": evaluate, "probe": probe, "export": export}[args.mode](Run(args))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
