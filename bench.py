@@ -1,5 +1,5 @@
 """
-Measurements, one JSON object per line.
+Measurements, one JSON object per line: our code against a baseline measured in the same run.
 
     python bench.py             # vq, sample and train: ours against baselines in the same run
     python bench.py vq          # the quantizer's training step vs the matmul+argmax floor and the naive way
@@ -8,16 +8,31 @@ Measurements, one JSON object per line.
     python bench.py train --preset tokenflow-b --batch-size 2   # the B sizes at a reduced batch
     python bench.py estimate    # tokenflow-b: FLOPs, saved activations and per-GPU memory of a training step
 
-Times are medians of --repeats runs after one warm-up; `spread` is (max - min) / median. ratio =
-ours_s / baseline_s. peak_mb is the peak memory the call adds: CUDA's allocator peak on a GPU,
-the process's peak resident memory (Linux VmHWM, reset before the call) on CPU.
+Times are medians of --repeats runs after one warm-up; `spread` is (max - min) / median (a 2-core
+CPU is noisy: runs differ by 20-40%). ratio = ours_s / baseline_s. peak_mb is the peak memory the
+call adds: CUDA's allocator peak on a GPU, the process's peak resident memory (Linux VmHWM, reset
+before the call) on CPU.
+
+The baselines:
+- vq, floor: one matmul + argmax of all rows; naive: the official way, two N x K distance
+  matrices, an N x K one-hot and `unique` over a 131,072-id usage window (naive_quantize).
+  Ours is one fp32 matmul of the unit codes against both tables at once (argmin d_sem + w d_pix
+  is the argmax of one inner product for unit vectors), in row chunks, with no one-hot and no
+  distance matrix, so its speed-up over naive is capped by naive / floor.
+- sample, floor: one teacher-forced forward at the sampling batch + sampling every token; no
+  cache: every scale re-runs the whole prefix (generate_no_cache). Without the cache scale k
+  re-runs all tokens up to its own: 1 + 5 + 21 + ... + 561 = 1,352 token positions against 561,
+  so whatever grows linearly with tokens (the K-way head, the MLPs) gains at most 1352 / 561 =
+  2.4x; only attention adds more. Greedy samples must be identical both ways (same_greedy_samples).
+- train: the same step with the batch already in memory (no data pipeline); on CUDA in bf16 it
+  also prints achieved TFLOP/s and MFU.
 
 `estimate` counts what one training image costs at the tokenflow-b sizes (on CPU, batch 1): the
 FLOPs of forward + backward (torch's FlopCounterMode), the bytes of the tensors autograd saves for
 backward (fp32), and the bytes that do not grow with the batch (weights, gradients, AdamW state
 and the EMA copy of what trains; the frozen networks). From these and an assumed accelerator it
-derives the memory and time per step of the README's ImageNet commands; those two are estimates
-and are labelled so.
+derives the memory and time per step of the ImageNet commands (data/imagenet/README.md); those
+two are estimates and are labelled so.
 """
 
 import argparse

@@ -1,5 +1,6 @@
 """
-Measure a trained tokenizer and GPT: the metric functions train.py also uses, and three commands.
+Measure a trained tokenizer and GPT: the metric functions (train.py imports them for its held-out
+evaluations; this file imports no script), and three commands.
 
     python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD-teacher
     python evaluate.py probe [--pool grid]                # linear probes on each half of the codes
@@ -7,7 +8,39 @@ Measure a trained tokenizer and GPT: the metric functions train.py also uses, an
     python evaluate.py export --ref --num-images 50000    # out/reference.npz: real held-out images
     python evaluate.py export --recon --num-images 50000  # out/reconstructions.npz: the same, reconstructed (rFID)
 
-@@DOC@@
+All modes read the tokenizer in --out-dir (or --tokenizer) and take the teacher, the dataset and
+the seed it was trained with from its checkpoint (--teacher, --dataset and --data-path override
+them).
+
+eval prints a table and appends one JSON line per metric set to OUT_DIR/metrics.jsonl.
+Held-out tokenizer metrics, through encode -> ids -> decode: PSNR and SSIM on [0, 1] images with
+data range 1; codebook usage (the fraction of the K codes the held-out tokens hit) and
+perplexity (the exponential of the entropy of that histogram), overall and per scale; the
+semantic cosine to the teacher; and, with the toy teacher, recon_acc (the teacher's class
+accuracy on the reconstructions). With gpt.pt it also generates --num-images class-balanced
+samples (default: as many as the held-out images) at cfg 0 and at the default guidance (or
+--cfg). class_acc is the toy teacher's class of each image, and sem_class_acc its class head on
+the semantic features decoded from the same ids. FD-teacher is the Frechet distance between
+mean-pooled teacher features of the samples and of the held-out images; the matrix square root
+is an eigen-decomposition (no scipy). fd_teacher_real is the same distance for as many real
+training images, the floor at that sample size. FD-teacher is measured in the space the
+semantic half is trained to reproduce, so it is a toy-scale check, not FID.
+
+probe fits multinomial logistic regression: one L-BFGS run of at most 100 iterations from zero
+weights, weight decay 1e-4, on standardised features of --probe-images training images (4,096),
+scored on the held-out split. It prints a table and appends one line per feature kind to
+metrics.jsonl. Four kinds of features: the semantic half of the quantized codes, the pixel half,
+both, and the continuous teacher features. Targets: the class and, on shapes, the foreground
+colour. The probes read the final sum of all scales' codes. --pool mean averages the features
+over the token grid; --pool grid flattens the grid, n^2 times wider: fine for the toy, too big
+for ImageNet on CPU.
+
+export writes uint8 (N, H, W, 3) images under arr_0 (labels under arr_1), the .npz layout of the
+ADM evaluation suite (https://github.com/openai/guided-diffusion/tree/main/evaluations), which
+VAR and LlamaGen report FID and IS with. gFID: ADM's evaluator.py on the ImageNet reference batch
+and samples.npz. rFID: the same script on reference.npz and reconstructions.npz. That suite needs
+TensorFlow, so it runs outside this repo. TokenFlow-B's images are 224 px, and ADM's ImageNet
+reference batches are 256 px.
 """
 
 import argparse
@@ -23,13 +56,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenflow as tf
-from data import DATASETS, eval_loader, make_dataset, resolve_data_path, save_atomically
+from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path, save_atomically
 from data.folders import save_grid, to_uint8
 from data.shapes import PALETTE, ShapesDataset
 from data.weights import load_teacher, teacher_path
 
-EVAL_IMAGES = 1024  # held-out images per evaluation
-SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items() if k not in ("self", "labels", "generator")}
+SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
+            if k not in ("self", "labels", "generator")}  # GPT.generate's defaults, as sample.py uses them
 DEFAULT_CFG = SAMPLING["cfg"]  # GPT.generate's guidance weight, recorded with class_acc
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +194,7 @@ def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
     of (ids (B, L), labels (B,)); reduce sums over ranks."""
     gpt.eval()
     S, level = len(gpt.scales), gpt.level.cpu()
-    loss, hits, counts = torch.zeros(1, dtype=torch.float64), torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+    loss, hits, counts = (torch.zeros(n, dtype=torch.float64) for n in (1, S, S))  # sums
     for idx, y in loader:
         idx, y = idx.to(device), y.to(device)
         with autocast_ctx(device, dtype):
@@ -203,7 +236,8 @@ def generated_batches(gpt, tokenizer, labels, batch_size, seed, device, dtype, *
     for y in labels.to(device).split(batch_size):
         with autocast_ctx(device, dtype):
             ids = gpt.generate(y, generator=g, **options)
-            yield y, ids, tokenizer.decode(ids).float()
+            x = tokenizer.decode(ids).float()
+        yield y, ids, x
 
 
 @torch.no_grad()
@@ -273,16 +307,23 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="softmax temperature (> 0)")
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"], help="sample from the k most likely ids; 0 = all")
     p.add_argument("--top-p", type=float, default=SAMPLING["top_p"], help="nucleus sampling mass; 0 = off")
+    p.add_argument("--refine", nargs="+", default=None, metavar="TOP_K,TOP_P", help="multi-step sampling, as sample.py")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype of the forward passes")
     args = p.parse_args(argv)
+    try:
+        args.refine = [(int(k), float(q)) for k, q in (pair.split(",") for pair in args.refine or [])] or None
+    except ValueError:
+        p.error(f"--refine takes TOP_K,TOP_P pairs such as 100,0.8 1,0; got {' '.join(args.refine)}")
     for name in ("eval_images", "num_images", "probe_images", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.top_k < 0 or not 0 <= args.top_p <= 1 or args.cfg < 0 or not args.temperature > 0:
-        p.error("--top-k must be >= 0, --top-p in [0, 1], --cfg >= 0 (0 = off) and --temperature > 0")
+    if any(k < 0 or not 0 <= q <= 1 for k, q in [(args.top_k, args.top_p)] + (args.refine or [])):
+        p.error("top-k values must be >= 0 (0 = off) and top-p values in [0, 1] (0 = off)")
+    if args.cfg < 0 or not args.temperature > 0:
+        p.error("--cfg must be >= 0 (0 = off) and --temperature > 0")
     if (args.ref or args.recon) and args.mode != "export":
         p.error("--ref and --recon choose what export writes; use them with export")
     if args.pool != "mean" and args.mode != "probe":
@@ -301,16 +342,17 @@ class Run:
         trained = ckpt.get("args", {})
         self.dataset = args.dataset or trained.get("dataset", "shapes")
         same = self.dataset == trained.get("dataset")
-        self.data_path = resolve_data_path(self.dataset, args.data_path or (trained.get("data_path") if same else None))
+        self.data_path = args.data_path or (trained.get("data_path") if same else None)
         self.seed = trained.get("seed", 0) if same else 0  # the shapes held-out split depends on it
         self.teacher_name = args.teacher or trained.get("teacher", "toy")
 
     def data(self, split, size, augment=False):
-        return make_dataset(self.dataset, self.data_path, split, self.tokenizer.cfg.image_size, size, self.seed,
-                            augment, cache_dir=self.args.out_dir)
+        return make_dataset(self.dataset, resolve_data_path(self.dataset, self.data_path), split,
+                            self.tokenizer.cfg.image_size, size, self.seed, augment, cache_dir=self.args.out_dir)
 
     def teacher(self):
-        return load_teacher(teacher_path(self.teacher_name, self.args.out_dir), self.tokenizer.cfg).to(self.args.device)
+        path = teacher_path(self.teacher_name, self.args.out_dir)
+        return load_teacher(path, self.tokenizer.cfg, maybe_clip=self.teacher_name != "toy").to(self.args.device)
 
     def gpt(self):
         return tf.load_model(os.path.join(self.args.out_dir, "gpt.pt"), "gpt", self.tokenizer)[0].to(self.args.device).eval()
@@ -320,7 +362,7 @@ class Run:
         a = self.args
         return generated_batches(gpt, self.tokenizer, torch.arange(n) % gpt.cfg.num_classes, a.batch_size, a.seed,
                                  a.device, a.dtype, cfg=cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
-                                 top_k=a.top_k, top_p=a.top_p)
+                                 top_k=a.top_k, top_p=a.top_p, refine=a.refine)
 
     def log(self, rows):
         with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
@@ -399,7 +441,7 @@ def probe(run):
         for target, (y_fit, y_val, k) in targets.items():
             row[f"{target}_acc"] = linear_probe(*(t.to(a.device) for t in (fit[kind], y_fit, val[kind], y_val)), k)
         rows.append({**row, "fit_images": len(fit_y), "val_images": len(val_y)})
-    run.log(rows)
+        run.log(rows[-1:])
     print_table(rows, ["features", "pool", "dim"] + [f"{t}_acc" for t in targets])
     return rows
 
@@ -429,7 +471,8 @@ def export(run):
     name = "reference.npz" if a.ref else "reconstructions.npz" if a.recon else "samples.npz"
     out = a.out or os.path.join(a.out_dir, name)
     save_atomically(out, np.savez, arr_0=images, arr_1=labels)
-    print(f"wrote {out}: arr_0 {images.shape} uint8 ({name[:-4]}), arr_1 labels")
+    kind = "real held-out" if a.ref else "reconstructed held-out" if a.recon else "generated"
+    print(f"wrote {out}: arr_0 {images.shape} uint8 ({kind} images), arr_1 labels")
     return out
 
 

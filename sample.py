@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import tokenflow as tf
-from data import eval_loader, make_dataset, resolve_data_path
+from data import DATASETS, eval_loader, make_dataset, resolve_data_path
 from data.folders import load_images, save_grid
 
 
@@ -34,6 +34,9 @@ def get_args(argv=None):
                    "OUT_DIR/decoder.pt after train.py --finetune-decoder: the same ids, its own pixel decoder)")
     p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, "
                    "reconstructions_sample.png, ids.npy or decoded.png)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="reconstruct without files: the held-out "
+                   "images of this dataset (default: the tokenizer's)")
+    p.add_argument("--data-path", default=None, help="root of a folder dataset (default: the tokenizer's)")
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class ids, one grid row each (default: all); the id num_classes is the null class")
@@ -88,9 +91,11 @@ def reconstruct(args, ckpt, tokenizer, out):
         x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
     else:  # the first 16 held-out images of the tokenizer's data and seed, as train.py evaluates
         trained = ckpt.get("args", {})
-        name = trained.get("dataset", "shapes")
-        held_out = make_dataset(name, resolve_data_path(name, trained.get("data_path")), "val",
-                                tokenizer.cfg.image_size, 16, trained.get("seed", 0), cache_dir=args.out_dir)
+        name = args.dataset or trained.get("dataset", "shapes")
+        same = name == trained.get("dataset", "shapes")
+        path = resolve_data_path(name, args.data_path or (trained.get("data_path") if same else None))
+        held_out = make_dataset(name, path, "val", tokenizer.cfg.image_size, seed=trained.get("seed", 0) if same else 0,
+                                cache_dir=args.out_dir)
         x = next(iter(eval_loader(held_out, 16)))[0]
         names = [f"held-out image {i}" for i in range(len(x))]
     x_rec = tokenizer.decode(tokenizer.encode(x.to(args.device)))

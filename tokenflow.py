@@ -13,8 +13,8 @@ Notable choices
   1x1 ... nxn, each scale's codes are upsampled and summed; a token sequence is all scales'
   indices, coarse to fine.
 - Two decoders: a small ViT maps the semantic half back to teacher features (cosine loss),
-  a VQGAN-style CNN maps the pixel half back to the image (L2 here; LPIPS and GAN come with
-  the real-scale recipe).
+  a VQGAN-style CNN maps the pixel half back to the image (L2; LPIPS and a PatchGAN, in the
+  Losses section, join in the real-scale recipe).
 - A GPT generates the shared ids scale by scale (VAR's next-scale prediction): every token of
   scale k is predicted at once from the cumulative codes of scales < k, under block-causal
   attention; sampling runs one forward per scale through a KV cache, with classifier-free
@@ -88,16 +88,12 @@ class TokenizerConfig:
         n_sem = self.image_size / self.patch_size
         n_pix = self.image_size / 2 ** (len(self.pix_ch_mult) - 1)
         if n_sem != n_pix or n_sem != int(n_sem):
-            raise ValueError(
-                f"token grids disagree: image_size {self.image_size} / patch_size {self.patch_size}"
-                f" = {n_sem:g} (semantic) but / 2^{len(self.pix_ch_mult) - 1} = {n_pix:g} (pixel, "
-                f"pix_ch_mult {self.pix_ch_mult}); pick sizes that give one whole grid side"
-            )
+            raise ValueError(f"token grids disagree: image_size {self.image_size} / patch_size {self.patch_size}"
+                             f" = {n_sem:g} (semantic) but / 2^{len(self.pix_ch_mult) - 1} = {n_pix:g} (pixel, "
+                             f"pix_ch_mult {self.pix_ch_mult}); pick sizes that give one whole grid side")
         if list(self.scales) != sorted(set(self.scales)) or self.scales[-1] != int(n_sem):
-            raise ValueError(
-                f"scales {self.scales} must increase strictly and end at the token grid side "
-                f"{int(n_sem)} (= image_size {self.image_size} / patch_size {self.patch_size})"
-            )
+            raise ValueError(f"scales {self.scales} must increase strictly and end at the token grid side "
+                             f"{int(n_sem)} (= image_size {self.image_size} / patch_size {self.patch_size})")
         if min(self.sem_dim, self.pix_dim) < 0 or not self.sem_dim + self.pix_dim:
             raise ValueError(f"sem_dim {self.sem_dim} and pix_dim {self.pix_dim} must be >= 0 and not both 0 "
                              "(0 leaves that half of the codes out)")
@@ -105,11 +101,8 @@ class TokenizerConfig:
             raise ValueError(f"a conv stem (vit_stem_ch {self.vit_stem_ch}) needs a multiple of 32 channels "
                              f"and a power-of-two patch_size (got {self.patch_size}); or set vit_stem_ch = 0")
         if self.pix_ch % 32 or self.pix_dec_ch % 32 or self.vit_width % self.vit_heads:
-            raise ValueError(
-                f"pix_ch {self.pix_ch} and pix_dec_ch {self.pix_dec_ch} must be multiples of 32 "
-                f"(GroupNorm) and vit_width "
-                f"{self.vit_width} a multiple of vit_heads {self.vit_heads}"
-            )
+            raise ValueError(f"pix_ch {self.pix_ch} and pix_dec_ch {self.pix_dec_ch} must be multiples of 32 "
+                             f"(GroupNorm) and vit_width {self.vit_width} a multiple of vit_heads {self.vit_heads}")
 
     @property
     def grid(self):  # n: token grid side
@@ -972,7 +965,8 @@ def load_model(path, kind, tokenizer=None):
     ckpt = load_checkpoint(path, kind)
     if kind == "gpt":
         theirs = config_from_dict(TokenizerConfig, ckpt["tokenizer_config"])
-        diff = config_diff(theirs, tokenizer.cfg, ("codebook_size", "scales", "sem_dim", "pix_dim"))
+        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
+                ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
         if diff:
             raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
                              "(GPT's tokenizer vs this one); give the tokenizer it was trained with")

@@ -5,11 +5,10 @@ Train TokenFlow, stage by stage: the toy teacher, the tokenizer, then the next-s
     python train.py --stage gpt          # one stage, reading earlier stages' checkpoints from out/
     python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
 
-Read it top to bottom: per-stage defaults, small helpers, the stages with their losses, the one
-training loop they share (with its fault handling as helpers below it), main. Everything a stage
-needs is saved in its checkpoint (config, weights, optimiser, args), so sample.py, evaluate.py
-and later stages rebuild models from checkpoints alone. Under torchrun every process runs this
-file; rank 0 logs and writes.
+Read top to bottom: per-stage defaults, helpers, the stages with their losses, the one training
+loop they share, its fault handling, DDP, main. A stage's checkpoint holds all it needs (config,
+weights, optimiser, args): sample.py, evaluate.py and later stages rebuild models from it alone.
+Under torchrun every process runs this file; rank 0 logs and writes.
 """
 
 import argparse
@@ -32,10 +31,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tokenflow as tf
-from data import DATASETS, TokenDataset, device_batches, eval_loader, make_dataset, resolve_data_path, save_atomically
+from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
+                  resolve_data_path)
 from data.folders import save_grid
 from data.weights import load_lpips, load_teacher, teacher_path
-from evaluate import (DEFAULT_CFG, EVAL_IMAGES, autocast_ctx, class_accuracy, evaluate_gpt, evaluate_teacher,
+from evaluate import (DEFAULT_CFG, autocast_ctx, class_accuracy, evaluate_gpt, evaluate_teacher,
                       evaluate_tokenizer)
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +157,6 @@ def get_args(argv=None):
     return args
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Small helpers: stages and their hyper-parameters, the learning rate, logging
 
@@ -207,14 +206,14 @@ def dataset(args, image_size, split, size=None, augment=None):
 
 def held_out(args, cfg, batch_size=256):
     """This rank's share of the held-out split, in order."""
-    return eval_loader(rank_share(dataset(args, cfg.image_size, "val"), args), batch_size)
+    return eval_loader(rank_share(dataset(args, cfg.image_size, "val"), args.rank, args.world_size), batch_size)
 
 
 def teacher_for(args, cfg):
     """The frozen teacher of --teacher on the device (rank 0 downloads CLIP first)."""
     with main_first(args):
         path = teacher_path(args.teacher, args.out_dir)
-    return load_teacher(path, cfg).to(args.device)
+    return load_teacher(path, cfg, maybe_clip=args.teacher != "toy").to(args.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,16 +243,18 @@ def train_teacher(args, cfg):
 
 @dataclass
 class GAN:
-    """The PatchGAN of the pixel loss, as VQGAN: the discriminator, its hinge loss as one module
-    (what DDP wraps: one forward per backward), its optimiser, and the generator term's weight."""
+    """The PatchGAN of the pixel loss (VQGAN): discriminator, its loss as DDP runs it, its optimiser."""
     disc: nn.Module
     d_loss: nn.Module
     opt: torch.optim.Optimizer
     weight: float = 0.5
     adaptive: bool = False  # scale by VQGAN's ratio of gradient norms (tf.adaptive_weight)
 
+    def state(self):  # what a checkpoint keeps
+        return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt.state_dict()}
 
-class DiscriminatorLoss(nn.Module):
+
+class DiscriminatorLoss(nn.Module):  # the hinge loss on a real and a fake batch, one forward for DDP
     def __init__(self, disc):
         super().__init__()
         self.disc = disc
@@ -313,15 +314,11 @@ def pixel_losses(args, iters, lr, path):
     return lpips, gan
 
 
-def pixel_step(args, gan, x, x_rec, step):
-    """The GAN for this step: after one discriminator_step from --disc-start on, else None."""
+def gan_step(args, gan, x, x_rec, step):
+    """From --disc-start on: one discriminator_step, then the GAN for the generator's term; else None."""
     if gan is None or step < args.disc_start:
         return None, {}
     return gan, {"d": discriminator_step(gan, x, x_rec).item()}
-
-
-def gan_state(gan):
-    return {"disc": gan.disc.state_dict(), "disc_optimizer": gan.opt.state_dict()} if gan else {}
 
 
 def train_tokenizer(args, cfg):
@@ -335,17 +332,19 @@ def train_tokenizer(args, cfg):
 
     def loss_fn(x, y, step):
         x_rec, sem, stats = net(x)
-        active, d_stats = pixel_step(args, gan, x, x_rec, step)
+        active, d_stats = gan_step(args, gan, x, x_rec, step)
         with torch.no_grad():
             target = teacher.features(x) if sem is not None else None  # (B, n*n, T)
         loss, log = tokenizer_loss(x, x_rec, sem, target, stats["vq"], lpips, active, tokenizer.pix_dec.conv_out.weight)
         return loss, {**log, **d_stats, "usage": stats["usage"].item()}
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state, **gan_state(gan))
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state,
+                           **(gan.state() if gan else {}))
 
-    return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()), dataset(args, cfg.image_size, "train"),
-                      loss_fn, lambda: evaluate_tokenizer_stage(args, tokenizer, teacher), save_fn)
+    return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()),
+                      dataset(args, cfg.image_size, "train"), loss_fn,
+                      lambda: evaluate_tokenizer_stage(args, tokenizer, teacher), save_fn)
 
 
 def evaluate_tokenizer_stage(args, tokenizer, teacher):
@@ -374,7 +373,8 @@ def finetune_decoder(args, cfg):
     tokenizer = tokenizer.to(args.device).requires_grad_(False)
     tokenizer.pix_dec.requires_grad_(True)
     net, path, hp = wrap(args, tokenizer.pix_dec), os.path.join(args.out_dir, "decoder.pt"), stage_hparams(args, "decoder")
-    if args.resume and os.path.exists(path) and tf.tokenizer_id(tf.load_model(path, "tokenizer")[0]) != tf.tokenizer_id(trained):
+    resumed = args.resume and os.path.exists(path) and tf.load_model(path, "tokenizer")[0]
+    if resumed and tf.tokenizer_id(resumed) != tf.tokenizer_id(trained):
         raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
                          "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
     lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
@@ -385,12 +385,14 @@ def finetune_decoder(args, cfg):
         with torch.no_grad():
             f_hat, _, _ = tokenizer.quantize(tokenizer.features(x), cfg.scales)
         x_rec = net(tokenizer.pixel_half(f_hat))
-        active, d_stats = pixel_step(args, gan, x, x_rec, step)
-        loss, log = tokenizer_loss(x, x_rec, None, None, 0, lpips, active, tokenizer.pix_dec.conv_out.weight)
+        active, d_stats = gan_step(args, gan, x, x_rec, step)
+        loss, log = tokenizer_loss(x, x_rec, sem=None, target=None, vq=0, lpips=lpips, gan=active,
+                                   last_layer=tokenizer.pix_dec.conv_out.weight)  # the pixel terms only
         return loss, {**log, **d_stats}
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state, **gan_state(gan))
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state,
+                           **(gan.state() if gan else {}))
 
     return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()),
                       dataset(args, cfg.image_size, "train"), loss_fn,
@@ -401,48 +403,20 @@ def finetune_decoder(args, cfg):
 # Stage 3: the next-scale GPT, on the tokenizer's ids (tokenized once into OUT_DIR/tokens/)
 
 
-@torch.no_grad()
 def token_file(args, tokenizer, split):
-    """Tokenize a split once -> TokenDataset; reused while the tokenizer's encoders and codebook and
-    the data are the same (OUT_DIR/tokens/<split>_ids.npy, _labels.npy, and _meta.json, written
-    last and removed first, so a crash mid-write never leaves a meta beside other ids). Under
-    torchrun every rank encodes a block of the images; rank 0 joins the blocks."""
+    """A split tokenized once into OUT_DIR/tokens/ (data.token_file), reused while the tokenizer's
+    encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
     data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
-    root = os.path.join(args.out_dir, "tokens")
-    paths = {k: os.path.join(root, f"{split}_{k}") for k in ("ids.npy", "labels.npy", "meta.json")}
     meta = {"tokenizer_id": tf.tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
             "seed": args.seed, "images": len(data), "seq_len": tokenizer.cfg.seq_len, "dtype": args.dtype}
-    if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
-        return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
-    barrier()  # every rank has read the old meta before rank 0 removes it
-    if is_main(args):
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(paths["meta.json"]):
-            os.remove(paths["meta.json"])
-    K, rows = tokenizer.cfg.codebook_size, rank_block(len(data), args)
-    ids = np.empty((len(rows), tokenizer.cfg.seq_len), np.uint16 if K <= 2**16 else np.int32)
-    labels, start = np.empty(len(rows), np.int64), 0
+
+    def encode(x):  # (b, 3, H, W) -> ids (b, L) on the CPU
+        with torch.no_grad(), autocast_ctx(args.device, args.dtype):
+            return tokenizer.encode(x.to(args.device)).cpu()
+
     tokenizer.eval()
-    for x, y in tqdm(eval_loader(rank_share(data, args), 256), desc=f"tokenize {split}", dynamic_ncols=True,
-                     disable=not is_main(args)):
-        with autocast_ctx(args.device, args.dtype):
-            ids[start:start + len(x)] = tokenizer.encode(x.to(args.device)).cpu().numpy()
-        labels[start:start + len(x)] = y.numpy()
-        start += len(x)
-    for k, array in (("ids.npy", ids), ("labels.npy", labels)):  # one file per rank: ranks on other
-        save_atomically(f"{paths[k]}.rank{args.rank}", np.save, array)  # nodes never write into one file
-    barrier()
-    if is_main(args):  # join the blocks in rank order, then the meta, last
-        for k in ("ids.npy", "labels.npy"):
-            parts = [f"{paths[k]}.rank{r}" for r in range(args.world_size)]
-            save_atomically(paths[k], np.save, np.concatenate([np.load(p) for p in parts]))
-            for p in parts:
-                os.remove(p)
-        with open(paths["meta.json"] + ".tmp", "w") as f:
-            json.dump(meta, f)
-        os.replace(paths["meta.json"] + ".tmp", paths["meta.json"])
-    barrier()
-    return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
+    return cached_tokens(data, encode, os.path.join(args.out_dir, "tokens", split), meta, tokenizer.cfg.codebook_size,
+                         args.rank, args.world_size, show=is_main(args))
 
 
 def gpt_loss(logits_BLK, idx_BL):
@@ -453,7 +427,7 @@ def gpt_loss(logits_BLK, idx_BL):
 def evaluate_gpt_stage(args, gpt, tokenizer, val):
     """evaluate_gpt over the ranks' shares; rank 0 writes 8 samples per class (at most 16 classes,
     the same at every evaluation) to gpt_samples.png."""
-    row = evaluate_gpt(gpt, eval_loader(rank_share(val, args), 256), args.device, args.dtype, all_sum)
+    row = evaluate_gpt(gpt, eval_loader(rank_share(val, args.rank, args.world_size), 256), args.device, args.dtype, all_sum)
     if is_main(args):
         labels = torch.arange(min(gpt.cfg.num_classes, 16), device=args.device).repeat_interleave(8)
         with torch.no_grad(), autocast_ctx(args.device, args.dtype):
@@ -473,7 +447,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
     gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tf.tokenizer_id(tokenizer)
-    if args.resume and os.path.exists(gpt_path) and (trained_on := tf.load_checkpoint(gpt_path, "gpt")["tokenizer_id"]) != tid:
+    trained_on = tf.load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
+    if trained_on != tid:
         raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
                          f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
                          "train the GPT from scratch (drop --resume) or use another --out-dir")
@@ -486,7 +461,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
         tf.save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
                            tokenizer_id=tid, args=vars(args), **state)
 
-    row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set, lambda idx, y, _: (gpt_loss(net(idx, y), idx), {}),
+    row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
+                     lambda idx, y, _: (gpt_loss(net(idx, y), idx), {}),
                      lambda: evaluate_gpt_stage(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
     teacher = teacher_for(args, tok_cfg)
     if teacher.head is not None and is_main(args):  # the toy teacher can classify what the GPT generates
@@ -512,12 +488,13 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
     opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=args.device.startswith("cuda"))  # betas as TokenFlow
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
-    ckpt = Checkpoints(args, stage, model, opt, scaler, EMA(model, hp["ema"]) if hp["ema"] > 0 else None, save_fn, eval_fn)
-    first = step = ckpt.resume() if args.resume else 0
-    faults = BadSteps(stage, ckpt)
-    batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, args.rank,
-                             args.world_size, args.device, args.num_workers, args.overfit_batch, step * args.grad_accum,
-                             log=lambda text: log(args, text))
+    ema = EMA(model, hp["ema"]) if hp["ema"] > 0 else None
+    checkpoints = Checkpoints(args, stage, model, opt, scaler, ema, save_fn, eval_fn)
+    first = step = checkpoints.resume() if args.resume else 0
+    faults = BadSteps(stage, checkpoints)
+    batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, rank=args.rank,
+                             world_size=args.world_size, device=args.device, num_workers=args.num_workers,
+                             overfit=args.overfit_batch, start=step * args.grad_accum, log=lambda text: log(args, text))
     bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step or not is_main(args))
     t0 = time.time()
     with Interrupt() as interrupt:
@@ -526,7 +503,7 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
             for group in opt.param_groups:
                 group["lr"] = lr
             if step > first and step % args.eval_interval == 0:  # (a resumed run has this row and file)
-                ckpt.evaluate_and_save(step, save=faults.in_a_row == 0)
+                checkpoints.evaluate_and_save(step, save=faults.in_a_row == 0)
             model.train()
             loss, stats, finite = accumulate(args, net, batches, loss_fn, step, scaler)
             scaler.unscale_(opt)
@@ -537,20 +514,20 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
                 faults.skip(step)
             else:
                 scaler.step(opt)
-                faults.in_a_row = 0
+                faults.ok()
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            if ckpt.ema and not bad:
-                ckpt.ema.update(model, step)
+            if ema and not bad:
+                ema.update(model, step)
             bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
             if stop:
-                stop_on_signal(args, stage, step + 1, hp["iters"], interrupt, ckpt, faults)
-    row = {"stage": stage, "step": hp["iters"], "split": "val", **ckpt.evaluate(), "train_s": round(time.time() - t0, 1),
-           **({"skipped_steps": faults.total} if faults.total else {})}
+                stop_on_signal(args, stage, step + 1, hp["iters"], interrupt, checkpoints, faults)
+    row = {"stage": stage, "step": hp["iters"], "split": "val", **checkpoints.evaluate(),
+           "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
     log_metrics(args, row)
-    ckpt.save(hp["iters"])
-    if ckpt.ema:
-        model.load_state_dict(ckpt.ema.weights)  # what later stages and sampling use, as load_model does
+    checkpoints.save(hp["iters"])
+    if ema:
+        model.load_state_dict(ema.weights)  # what later stages and sampling use, as load_model does
     return row
 
 
@@ -583,10 +560,8 @@ def agree(args, shown, finite, interrupt):
 
 
 class EMA:
-    """Exponential moving average of a model's weights (Polyak averaging, as VAR and LlamaGen keep
-    one): w_ema <- d w_ema + (1 - d) w after every step, with d warmed up as min(decay, (1+t)/(10+t))
-    so the average does not sit at the initialisation in short runs. Evaluation and checkpoints for
-    sampling use it; training continues on the raw weights."""
+    """Weights averaged over steps (as VAR and LlamaGen): w_ema <- d w_ema + (1 - d) w, with d warmed up
+    as min(decay, (1+t)/(10+t)) so short runs do not sit at the init. Evaluation and sampling use it."""
 
     def __init__(self, model, decay):
         self.decay, self.weights = decay, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -674,15 +649,19 @@ class BadSteps:
     """Steps skipped for a non-finite loss or gradient: counted, and 10 in a row stop the run
     without saving (the last good checkpoint stays as it was)."""
 
-    def __init__(self, stage, ckpt):
-        self.stage, self.ckpt, self.total, self.in_a_row = stage, ckpt, 0, 0
+    def __init__(self, stage, checkpoints):
+        self.stage, self.checkpoints, self.total, self.in_a_row = stage, checkpoints, 0, 0
+
+    def ok(self):
+        self.in_a_row = 0
 
     def skip(self, step):
         self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
-        log(self.ckpt.args, f"{self.stage}: step {step}: non-finite loss or gradient, step skipped ({self.total} so far)")
+        log(self.checkpoints.args, f"{self.stage}: step {step}: non-finite loss or gradient, step skipped "
+                                   f"({self.total} so far)")
         if self.in_a_row == 10:
             raise NonFiniteLoss(f"{self.stage}: 10 non-finite losses in a row (steps {step - 9}-{step}); stopped "
-                                f"without saving; {self.ckpt.where()}. Lower --lr or check the data, then --resume")
+                                f"without saving; {self.checkpoints.where()}. Lower --lr or check the data, then --resume")
 
 
 class Interrupt:
@@ -712,15 +691,15 @@ class Interrupt:
             signal.raise_signal(self.signal)
 
 
-def stop_on_signal(args, stage, step, iters, interrupt, ckpt, faults):
+def stop_on_signal(args, stage, step, iters, interrupt, checkpoints, faults):
     """After a step in which any rank got SIGINT / SIGTERM: the evaluation row a resume would skip,
     a checkpoint (unless the last steps were bad), and exit 128 + signal."""
     signum, interrupt.signal = interrupt.signal or signal.SIGTERM, None  # (another rank's)
     if step % args.eval_interval == 0 and step < iters:
-        log_metrics(args, {"stage": stage, "step": step, "split": "val", **ckpt.evaluate()})
+        log_metrics(args, {"stage": stage, "step": step, "split": "val", **checkpoints.evaluate()})
     if faults.in_a_row == 0:
-        ckpt.save(step)
-    written = f"checkpoint written to {ckpt.path}" if faults.in_a_row == 0 else ckpt.where()
+        checkpoints.save(step)
+    written = f"checkpoint written to {checkpoints.path}" if faults.in_a_row == 0 else checkpoints.where()
     log(args, f"{stage}: {signal.Signals(signum).name} at step {step}: {written}; "
               "run the same command with --resume to continue")
     raise SystemExit(128 + signum)
@@ -756,11 +735,6 @@ def all_sum(t):
     return total.to(t.device)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 @contextmanager
 def main_first(args):
     """Rank 0 runs the block (a download, say) before the other ranks do."""
@@ -779,17 +753,6 @@ def wrap(args, model):
         net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None,
                   gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second fp32 copy
     return net
-
-
-def rank_block(n, args):
-    """This rank's contiguous block of n items (blocks in rank order cover 0..n-1 once)."""
-    return range(n * args.rank // args.world_size, n * (args.rank + 1) // args.world_size)
-
-
-def rank_share(data, args):
-    """This rank's block of a held-out split (no padding), so that sums all-reduced over ranks are
-    the sums over the whole split."""
-    return data if args.world_size == 1 else torch.utils.data.Subset(data, rank_block(len(data), args))
 
 
 # ---------------------------------------------------------------------------------------------

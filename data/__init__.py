@@ -1,19 +1,24 @@
 """
-Data for every script: dataset selection (make_dataset), the held-out loader, and the GPT's
-token files. The datasets themselves live in data/shapes.py (synthetic) and data/folders.py
-(ImageFolder layout); each data/<name>/ folder holds that dataset's notes and prepare.py.
+Data for every script: dataset selection (make_dataset), batches for training and evaluation,
+each rank's share under torchrun, and the GPT's tokenized dataset. The datasets themselves live in
+data/shapes.py (synthetic) and data/folders.py (ImageFolder layout); each data/<name>/ folder
+holds that dataset's notes and prepare.py.
 """
 
+import json
 import os
 
 import numpy as np
 import torch
+import torch.distributed
+from tqdm import tqdm
 
 from data.folders import FolderDataset
 from data.shapes import ShapesDataset
 
 DATASETS = ["shapes", "folder", "imagenet", "cifar10"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
+EVAL_IMAGES = 1024  # held-out images per evaluation
 
 
 def resolve_data_path(name, data_path):
@@ -39,9 +44,10 @@ def spread(dataset, n):
 
 def make_dataset(name, data_path, split, image_size, size=None, seed=0, augment=None, cache_dir="."):
     """The 'train' or 'val' split of a dataset, items (image (3, S, S) in [-1, 1], class). size: shapes
-    renders exactly that many (default: 1,000,000 train images, effectively endless); a folder
-    split is thinned evenly to at most size. augment defaults to split == 'train'; cache_dir keeps
-    a folder's scan."""
+    renders exactly that many (default: 1,000,000 train images, effectively endless, and EVAL_IMAGES
+    held-out ones); a folder split is thinned evenly to at most size (default: all train images,
+    EVAL_IMAGES held-out ones). augment defaults to split == 'train'; cache_dir keeps a folder's scan."""
+    size = size or (EVAL_IMAGES if split == "val" else None)
     if name == "shapes":
         return ShapesDataset(size or 1_000_000, image_size, seed, split)
     root = os.path.join(data_path, split)
@@ -123,3 +129,56 @@ def device_batches(data, micro_batch, seed, rank=0, world_size=1, device="cpu", 
                 "(each replaced by the next readable file)")
             seen_unreadable = unreadable(data)
         epoch, skip = epoch + 1, 0
+
+
+def rank_block(n, rank, world_size):
+    """This rank's contiguous block of n items (blocks in rank order cover 0..n-1 once)."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def rank_share(data, rank, world_size):
+    """This rank's block of a held-out split (no padding), so that sums all-reduced over ranks are
+    the sums over the whole split."""
+    return data if world_size == 1 else torch.utils.data.Subset(data, rank_block(len(data), rank, world_size))
+
+
+def cached_tokens(data, encode, prefix, meta, codebook_size, rank=0, world_size=1, show=True):
+    """Every image of data through encode ((b, 3, H, W) -> ids (b, L)) once -> TokenDataset, cached in
+    PREFIX_ids.npy, PREFIX_labels.npy and PREFIX_meta.json and reused while meta (what decides the
+    ids: the tokenizer, the data) is the same. The meta is written last and removed first, so a crash
+    mid-write never leaves a meta beside other ids. Under torchrun each rank encodes its block of
+    the images into its own file (ranks on other nodes never write into one file); rank 0 joins
+    the blocks in rank order."""
+    paths = {k: f"{prefix}_{k}" for k in ("ids.npy", "labels.npy", "meta.json")}
+    if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
+        return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
+    barrier()  # every rank has read the old meta before rank 0 removes it
+    if rank == 0:
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        if os.path.exists(paths["meta.json"]):
+            os.remove(paths["meta.json"])
+    rows = rank_block(len(data), rank, world_size)
+    ids = np.empty((len(rows), meta["seq_len"]), np.uint16 if codebook_size <= 2**16 else np.int32)
+    labels, start = np.empty(len(rows), np.int64), 0
+    for x, y in tqdm(eval_loader(rank_share(data, rank, world_size), 256), desc=f"tokenize {os.path.basename(prefix)}",
+                     dynamic_ncols=True, disable=not show):
+        ids[start:start + len(x)], labels[start:start + len(x)] = encode(x).numpy(), y.numpy()
+        start += len(x)
+    for k, array in (("ids.npy", ids), ("labels.npy", labels)):
+        save_atomically(f"{paths[k]}.rank{rank}", np.save, array)
+    barrier()
+    if rank == 0:
+        for k in ("ids.npy", "labels.npy"):
+            parts = [f"{paths[k]}.rank{r}" for r in range(world_size)]
+            save_atomically(paths[k], np.save, np.concatenate([np.load(p) for p in parts]))
+            for p in parts:
+                os.remove(p)
+        save_atomically(paths["meta.json"], lambda f: f.write(json.dumps(meta).encode()))
+    barrier()
+    return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
+
+
+def barrier():
+    """Wait for every rank under torchrun; nothing in one process."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -140,7 +140,7 @@ def load_images(paths, size):
             img = read_rgb(path)
         except BAD_IMAGE as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
-        out.append(to_tensor(img.resize((size, size), Image.BICUBIC, box=centre_box(*img.size))))
+        out.append(to_tensor(img.crop(centre_box(*img.size)).resize((size, size), Image.BICUBIC)))
     return torch.stack(out)
 
 

@@ -65,10 +65,10 @@ def teacher_path(teacher, out_dir):
         fetch_clip() if teacher == "clip-vit-b16" else teacher)
 
 
-def load_teacher(path, cfg):
-    """The frozen teacher from a file (our teacher checkpoint, or CLIP weights), checked against the
-    tokenizer config cfg (ValueError naming the differences)."""
-    if os.path.isfile(path) and "visual.conv1.weight" in tf.read_weights(path):
+def load_teacher(path, cfg, maybe_clip=True):
+    """The frozen teacher from a file (our teacher checkpoint, or CLIP weights unless maybe_clip is
+    False), checked against the tokenizer config cfg (ValueError naming the differences)."""
+    if maybe_clip and os.path.isfile(path) and "visual.conv1.weight" in tf.read_weights(path):
         return tf.clip_teacher(path, cfg).eval().requires_grad_(False)
     teacher, _ = tf.load_model(path, "teacher")
     diff = tf.config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",

@@ -6,7 +6,7 @@ The README's Results table, from a fresh clone, in one command (about 20 min on 
 
 It trains one toy teacher; three tokenizers with the same steps, batch and learning rate
 (train.py --codebook dual: TokenFlow, pixel: VQGAN-style, semantic: VQKD-style); and the GPT on the
-dual one. It then runs `sample.py eval` and `sample.py probe` (mean-pooled and whole-grid
+dual one. It then runs `evaluate.py eval` and `evaluate.py probe` (mean-pooled and whole-grid
 features) on each. Last, dual and pixel again with K = 4,096 codes, which the held-out tokens
 cannot all hit, for codebook usage (the paper's Fig. 7). The tables go to OUT_DIR/results.md;
 every stage also appends its rows to OUT_DIR/<run>/metrics.jsonl.
@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import sample  # noqa: E402  (the repo root is on the path only now)
+import evaluate  # noqa: E402  (the repo root is on the path only now)
 import train  # noqa: E402
 
 CODEBOOKS = ["dual", "pixel", "semantic"]
@@ -81,9 +81,9 @@ def main():
     results = {}
     for codebook in CODEBOOKS:
         common = ["--out-dir", os.path.join(args.out_dir, codebook), "--teacher", teacher, "--seed", str(args.seed)]
-        results[codebook] = {"eval": sample.main(["eval", *common]),
-                             **{pool: sample.main(["probe", "--pool", pool, *common]) for pool in ("mean", "grid")}}
-    large_k = {codebook: sample.main(["eval", "--out-dir", os.path.join(args.out_dir, f"{codebook}-k{LARGE_K}"),
+        results[codebook] = {"eval": evaluate.main(["eval", *common]),
+                             **{pool: evaluate.main(["probe", "--pool", pool, *common]) for pool in ("mean", "grid")}}
+    large_k = {codebook: evaluate.main(["eval", "--out-dir", os.path.join(args.out_dir, f"{codebook}-k{LARGE_K}"),
                                       "--teacher", teacher, "--seed", str(args.seed)])[0] for codebook in ("dual", "pixel")}
     text = table(results, large_k)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
@@ -92,4 +92,11 @@ def main():
 
 
 if __name__ == "__main__":
-    train.run_script(main)
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except train.NonFiniteLoss as e:  # a run that diverged: exit code 1
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
