@@ -1537,3 +1537,27 @@ def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():
                                "– / 25.0 / – / 25.0 |")
     assert lines[-5] == "| 8 samples | 0 | 25.0 | 50.0 | 9.0 | 0.30 |"
     assert lines[-1] == "| dual | 23.00 | 0.650 | 50.0% | 270 |"
+
+
+def local_imports(path):
+    """The repo's own modules a file imports (top-level names: tokenflow, data, train, ...)."""
+    import ast
+    local = {"tokenflow", "data", "train", "sample", "evaluate", "bench"}
+    found = set()
+    for node in ast.walk(ast.parse(open(os.path.join(HERE, path)).read())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found |= {n.split(".")[0] for n in names} & local
+    return found
+
+
+def test_imports_go_one_way():
+    """tokenflow.py <- data/ <- scripts: the model file imports nothing local, data/ at most the model
+    file, sample.py no other script; evaluate.py (the metrics train.py reuses) imports no script."""
+    assert local_imports("tokenflow.py") == set()
+    for name in os.listdir(os.path.join(HERE, "data")):
+        if name.endswith(".py"):
+            assert local_imports(os.path.join("data", name)) <= {"tokenflow", "data"}, name
+    assert local_imports("sample.py") == {"tokenflow", "data"}
+    assert local_imports("evaluate.py") == {"tokenflow", "data"}
+    assert local_imports("train.py") == {"tokenflow", "data", "evaluate"}

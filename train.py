@@ -117,7 +117,12 @@ def get_args(argv=None):
                    help="autocast dtype of forward passes; weights and optimiser stay fp32; float16 adds a "
                         "gradient scaler (default auto: bfloat16 on a CUDA GPU that has it, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
-    args = p.parse_args(argv)
+    return checked(p, p.parse_args(argv))
+
+
+def checked(p, args):
+    """Flags that cannot work together stop here with one line (p.error: exit code 2); the rank and
+    world size (torchrun's), and the auto device and dtype, are filled in."""
     for name in ("iters", "num_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
