@@ -22,7 +22,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn

@@ -89,6 +89,23 @@ def save_atomically(path, save, *arrays, **named):
     os.replace(f"{path}.tmp", path)
 
 
+def rank_block(n, rank, world_size):
+    """This rank's contiguous block of n items (blocks in rank order cover 0..n-1 once)."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def rank_share(data, rank, world_size):
+    """This rank's block of a held-out split (no padding), so that sums all-reduced over ranks are
+    the sums over the whole split."""
+    return data if world_size == 1 else torch.utils.data.Subset(data, rank_block(len(data), rank, world_size))
+
+
+def barrier():
+    """Wait for every rank under torchrun; nothing in one process."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def unreadable(data):
     """Files a folder dataset has skipped so far (0 for other datasets)."""
     while isinstance(data, torch.utils.data.Subset):
@@ -131,15 +148,6 @@ def device_batches(data, micro_batch, seed, rank=0, world_size=1, device="cpu", 
         epoch, skip = epoch + 1, 0
 
 
-def rank_block(n, rank, world_size):
-    """This rank's contiguous block of n items (blocks in rank order cover 0..n-1 once)."""
-    return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def rank_share(data, rank, world_size):
-    """This rank's block of a held-out split (no padding), so that sums all-reduced over ranks are
-    the sums over the whole split."""
-    return data if world_size == 1 else torch.utils.data.Subset(data, rank_block(len(data), rank, world_size))
 
 
 def cached_tokens(data, encode, prefix, meta, codebook_size, rank=0, world_size=1, show=True):
@@ -176,9 +184,3 @@ def cached_tokens(data, encode, prefix, meta, codebook_size, rank=0, world_size=
         save_atomically(paths["meta.json"], lambda f: f.write(json.dumps(meta).encode()))
     barrier()
     return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
-
-
-def barrier():
-    """Wait for every rank under torchrun; nothing in one process."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
