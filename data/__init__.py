@@ -153,7 +153,7 @@ def device_batches(data, micro_batch, seed, rank=0, world_size=1, device="cpu", 
 def cached_tokens(data, encode, prefix, meta, codebook_size, rank=0, world_size=1, show=True):
     """Every image of data through encode ((b, 3, H, W) -> ids (b, L)) once -> TokenDataset, cached in
     PREFIX_ids.npy, PREFIX_labels.npy and PREFIX_meta.json and reused while meta (what decides the
-    ids: the tokenizer, the data) is the same. The meta is written last and removed first, so a crash
+    ids: the tokenizer, the data; it must hold seq_len, L) is the same. The meta is written last and removed first, so a crash
     mid-write never leaves a meta beside other ids. Under torchrun each rank encodes its block of
     the images into its own file (ranks on other nodes never write into one file); rank 0 joins
     the blocks in rank order."""
