@@ -17,7 +17,7 @@ Held-out tokenizer metrics, through encode -> ids -> decode: PSNR and SSIM on [0
 data range 1; codebook usage (the fraction of the K codes the held-out tokens hit) and
 perplexity (the exponential of the entropy of that histogram), overall and per scale; the
 semantic cosine to the teacher; and, with the toy teacher, recon_acc (the teacher's class
-accuracy on the reconstructions). With gpt.pt it also generates --num-images class-balanced
+accuracy on the reconstructions) beside teacher_acc (on the images themselves). With gpt.pt it also generates --num-images class-balanced
 samples (default: as many as the held-out images) at cfg 0 and at the default guidance (or
 --cfg). class_acc is the toy teacher's class of each image, and sem_class_acc its class head on
 the semantic features decoded from the same ids. FD-teacher is the Frechet distance between
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 import tokenflow as tf
 from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path, save_atomically
-from data.folders import save_grid, to_uint8
+from data.folders import class_rows, keep_class_examples, save_grid, to_uint8
 from data.shapes import PALETTE, ShapesDataset
 from data.weights import load_teacher, teacher_path
 
@@ -141,13 +141,14 @@ def evaluate_tokenizer(tokenizer, teacher, loader, device, dtype="float32", redu
     of side s can hit at most images * s^2 codes), semantic cosine to the teacher and, with a toy
     teacher, how often it classifies the reconstructions right (recon_acc). The tokens go through
     the real path (encode -> ids -> decode). reduce sums a tensor over ranks (train.py's all_sum
-    under torchrun, each rank with its share of the loader). The first 16 reconstructions go to
-    grid_png (None: no image)."""
+    under torchrun, each rank with its share of the loader). grid_png (None: no image) shows the first
+    two held-out images of each class (at most 16 classes) above their reconstructions."""
     tokenizer.eval()
     cfg, has_sem, has_head = tokenizer.cfg, tokenizer.sem_dec is not None, teacher.head is not None
     sums = dict.fromkeys(["images", "psnr", "ssim", "sem_cos", "recon_acc"], 0.0)
     counts = torch.zeros(len(cfg.scales), cfg.codebook_size, device=device)  # code histogram per scale
-    for i, (x, y) in enumerate(loader):
+    shown = {}  # class -> [(image, reconstruction)] for the grid
+    for x, y in loader:
         x, y = x.to(device), y.to(device)
         with autocast_ctx(device, dtype):
             idx = tokenizer.encode(x)
@@ -158,13 +159,15 @@ def evaluate_tokenizer(tokenizer, teacher, loader, device, dtype="float32", redu
                 sums["sem_cos"] += F.cosine_similarity(sem, teacher.features(x).float(), dim=-1).mean(1).sum().item()
             if has_head:
                 sums["recon_acc"] += (teacher(x_rec).argmax(1) == y).sum().item()
-        if i == 0 and grid_png:
-            save_grid([x[:16], x_rec[:16]], grid_png)
+        if grid_png:
+            keep_class_examples(shown, y.cpu(), x.cpu(), x_rec.float().cpu())
         sums["images"] += len(x)
         sums["psnr"] += tf.psnr(x_rec, x).clamp_max(100).sum().item()  # an exact copy is inf dB: keep the mean finite
         sums["ssim"] += ssim(x_rec, x).sum().item()
         for k, ids in enumerate(idx.split([s * s for s in cfg.scales], dim=1)):
             counts[k] += torch.bincount(ids.flatten(), minlength=cfg.codebook_size)
+    if grid_png:
+        save_grid(class_rows(shown), grid_png)
     totals = dict(zip(sums, reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
     counts = reduce(counts)
     usage, perplexity = tf.codebook_usage(counts.sum(0))
@@ -407,6 +410,8 @@ def evaluate(run):
     val = run.data("val", a.eval_images)
     rows = [{"stage": "eval", "split": "val", "tokenizer": run.tokenizer_path,
              **evaluate_tokenizer(run.tokenizer, teacher, eval_loader(val, 128), a.device, a.dtype)}]
+    if teacher.head is not None:  # the toy teacher on the real images: what recon_acc compares with
+        rows[0]["teacher_acc"] = evaluate_teacher(teacher, eval_loader(val, 128), a.device, a.dtype)["acc"]
     if os.path.exists(os.path.join(a.out_dir, "gpt.pt")):
         gpt, n = run.gpt(), a.num_images or a.eval_images
         real, _ = teacher_features(teacher, val, a.batch_size, a.device, a.dtype)

@@ -21,7 +21,7 @@ import torch
 
 import tokenflow as tf
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
-from data.folders import load_images, save_grid
+from data.folders import class_rows, keep_class_examples, load_images, save_grid
 
 
 def get_args(argv=None):
@@ -89,15 +89,20 @@ def generate(args, ckpt, tokenizer, out):
 def reconstruct(args, ckpt, tokenizer, out):
     if args.inputs:
         x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
-    else:  # the first 16 held-out images of the tokenizer's data and seed, as train.py evaluates
+    else:  # two held-out images of each class (at most 16) of the tokenizer's data and seed, as train.py shows
         trained = ckpt.get("args", {})
         name = args.dataset or trained.get("dataset", "shapes")
         same = name == trained.get("dataset", "shapes")
         path = resolve_data_path(name, args.data_path or (trained.get("data_path") if same else None))
         held_out = make_dataset(name, path, "val", tokenizer.cfg.image_size, seed=trained.get("seed", 0) if same else 0,
                                 cache_dir=args.out_dir)
-        x = next(iter(eval_loader(held_out, 16)))[0]
-        names = [f"held-out image {i}" for i in range(len(x))]
+        kept = {}
+        for x, y in eval_loader(held_out, 128):
+            keep_class_examples(kept, y, x)
+            if len(kept) == min(held_out.num_classes, 16) and all(len(v) == 2 for v in kept.values()):
+                break
+        x = class_rows(kept)[0]
+        names = [f"held-out {held_out.classes[c]}" for c in sorted(kept) for _ in kept[c]]
     x_rec = tokenizer.decode(tokenizer.encode(x.to(args.device)))
     for name, db in zip(names, tf.psnr(x_rec, x.to(args.device)).tolist()):
         print(f"{db:6.2f} dB  {name}")

@@ -41,6 +41,7 @@ unreadable images, and a GPT trained on another tokenizer's ids stop with one li
 code 2.
 """
 
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -54,6 +55,7 @@ import sys
 import signal
 import tarfile
 import time
+import urllib.error
 import zipfile
 from dataclasses import asdict, replace
 
@@ -69,8 +71,8 @@ import evaluate
 import sample
 import tokenflow as tf
 import train
-from data import device_batches
-from data.folders import FolderDataset, read_rgb, to_uint8
+from data import device_batches, fashion_mnist
+from data.folders import FolderDataset, class_rows, keep_class_examples, read_rgb, to_uint8
 from data.shapes import ShapesDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -728,8 +730,8 @@ def tiny_cifar_archive(path):
             add(name, {b"data": g.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i % 10, 9]})
 
 
-def load_prepare():
-    spec = importlib.util.spec_from_file_location("prepare", os.path.join(HERE, "data", "cifar10", "prepare.py"))
+def load_prepare(dataset="cifar10"):
+    spec = importlib.util.spec_from_file_location("prepare", os.path.join(HERE, "data", dataset, "prepare.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -757,6 +759,108 @@ def test_cifar10_prepare_refuses_a_pickle_that_runs_code(tmp_path):
     prepare = load_prepare()
     with pytest.raises(pickle.UnpicklingError, match="not a genuine archive"):
         prepare.ArrayUnpickler(io.BytesIO(pickle.dumps(RunsCode()))).load()
+
+
+def write_idx(path, array):
+    """array (uint8) -> an IDX file in the official layout, gzipped if path ends in .gz."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(header + array.tobytes())
+
+
+def tiny_fashion_mnist(root, n_train=40, n_test=20, gz=True):
+    """The four Fashion-MNIST files with random 28x28 images, every class present -> the arrays."""
+    os.makedirs(root, exist_ok=True)
+    g, arrays = np.random.default_rng(0), {}
+    for split, n in (("train", n_train), ("val", n_test)):
+        images, labels = g.integers(0, 256, (n, 28, 28), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
+        for name, array in zip(fashion_mnist.FILES[split], (images, labels)):
+            write_idx(os.path.join(root, name + ".gz" * gz), array)
+        arrays[split] = images, labels
+    return arrays
+
+
+def test_fashion_mnist_reads_idx_files_pads_to_32_and_keeps_labels(tmp_path):
+    for gz in (True, False):
+        root = str(tmp_path / f"gz{gz}")
+        arrays = tiny_fashion_mnist(root, gz=gz)
+        ds = data.make_dataset("fashion-mnist", root, "val", 32)
+        assert len(ds) == 20 and ds.num_classes == 10 and ds.classes[9] == "Ankle boot"
+        x, y = ds[13]
+        assert x.shape == (3, 32, 32) and y == 3 and torch.equal(x[0], x[2])
+        assert (x[:, :2] == -1).all() and (x[:, :, -2:] == -1).all()  # 2 black pixels a side
+        assert torch.equal(x[0, 2:30, 2:30], torch.from_numpy(arrays["val"][0][13]).float() / 127.5 - 1)
+    assert len(data.make_dataset("fashion-mnist", root, "train", 32)) == 40
+
+
+def test_fashion_mnist_damaged_or_missing_files_are_refused(tmp_path, capsys):
+    root = tmp_path / "fm"
+    tiny_fashion_mnist(str(root), gz=False)
+    path = root / "t10k-images-idx3-ubyte"
+    good = path.read_bytes()
+    for damage, message in [(good[:-5], "truncated"), (b"\x00\x00\x08\x01" + good[4:], "not an IDX file of 3-d"),
+                            (b"PNG", "not an IDX file")]:
+        path.write_bytes(damage)
+        with pytest.raises(ValueError, match=message):
+            data.make_dataset("fashion-mnist", str(root), "val", 32)
+    path.write_bytes(good)
+    write_idx(root / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))  # one label short
+    with pytest.raises(ValueError, match="labels; expected"):
+        data.make_dataset("fashion-mnist", str(root), "val", 32)
+    tiny_fashion_mnist(str(root / "gz"))
+    (root / "gz" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(good)[:-20])  # a cut download
+    with pytest.raises(ValueError, match="not a readable IDX file"):
+        data.make_dataset("fashion-mnist", str(root / "gz"), "val", 32)
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--dataset", "fashion-mnist", "--data-path", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "run python data/fashion_mnist/prepare.py" in capsys.readouterr().err
+
+
+def test_fashion_mnist_prepare_checks_md5_and_says_both_ways_to_get_the_files(tmp_path, monkeypatch):
+    prepare, source, out = load_prepare("fashion_mnist"), str(tmp_path / "src"), str(tmp_path / "out")
+    tiny_fashion_mnist(source)
+    monkeypatch.setattr(prepare.urllib.request, "urlretrieve", None)  # no network: a download would fail
+    with pytest.raises(ValueError, match="does not match the published MD5.*apt-get install dataset-fashion-mnist"):
+        prepare.main(["--source", source, "--out", out])  # random images are not Fashion-MNIST
+    assert not [f for f in os.listdir(out) if "ubyte" in f]  # nothing unchecked is left behind
+
+    def content_md5(name):  # as Debian's recompressed files: only the content's MD5 matches
+        return hashlib.md5(gzip.open(os.path.join(source, name + ".gz")).read()).hexdigest()
+
+    monkeypatch.setattr(prepare, "MD5", {name: ("0" * 32, content_md5(name)) for name in prepare.MD5})
+    prepare.main(["--source", source, "--out", out])
+    assert sorted(os.listdir(out)) == sorted(n + ".gz" for n in prepare.MD5)
+    assert len(data.make_dataset("fashion-mnist", out, "train", 32)) == 40
+
+    def offline(url, path):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(prepare.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(prepare, "DEBIAN", str(tmp_path / "no-debian-package"))  # so the default is to download
+    with pytest.raises(ValueError, match="cannot download .*no network.*apt-get install .* --source DIR"):
+        prepare.main(["--out", str(tmp_path / "other")])
+
+
+def test_fashion_mnist_trains_every_stage_and_samples(tmp_path):
+    tiny_fashion_mnist(str(tmp_path / "fm"))
+    out = str(tmp_path / "out")
+    train.main(["--dataset", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--iters", "2", "--out-dir", out,
+                "--batch-size", "4", "--eval-images", "20"])
+    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    gpt, _ = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
+    assert gpt.cfg.num_classes == 10
+    assert Image.open(os.path.join(out, "reconstructions.png")).size == (20 * 32 * 3, 2 * 32 * 3)  # 2 per class
+    assert Image.open(sample.main(["--out-dir", out, "--per-class", "2"])).size == (2 * 32 * 3, 10 * 32 * 3)
+    assert Image.open(sample.main(["reconstruct", "--out-dir", out])).size == (20 * 32 * 3, 2 * 32 * 3)
+    rows = evaluate.main(["--out-dir", out, "--eval-images", "20", "--num-images", "10"])
+    assert rows[0]["teacher_acc"] >= 0 and rows[1]["images"] == 10
+
+
+def test_grids_keep_the_first_examples_of_each_class():
+    kept = {}
+    keep_class_examples(kept, torch.tensor([2, 2, 2, 0]), torch.arange(4), per_class=2)
+    keep_class_examples(kept, torch.tensor([1, 0, 0, 3]), torch.arange(4, 8), per_class=2, max_classes=3)
+    assert {c: [int(t[0]) for t in v] for c, v in kept.items()} == {2: [0, 1], 0: [3, 5], 1: [4]}
+    assert class_rows(kept)[0].tolist() == [3, 5, 4, 0, 1]  # classes in order
 
 
 # ---------------------------------------------------------------------------------------------

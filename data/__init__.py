@@ -1,8 +1,8 @@
 """
 Data for every script: dataset selection (make_dataset), batches for training and evaluation,
 each rank's share under torchrun, and the GPT's tokenized dataset. The datasets themselves live in
-data/shapes.py (synthetic) and data/folders.py (ImageFolder layout); each data/<name>/ folder
-holds that dataset's notes and prepare.py.
+data/shapes.py (synthetic), data/fashion_mnist.py (IDX files) and data/folders.py (ImageFolder
+layout); each data/<name>/ folder holds that dataset's notes and prepare.py.
 """
 
 import json
@@ -13,20 +13,24 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
+from data.fashion_mnist import FashionMNIST, missing_files
 from data.folders import FolderDataset
 from data.shapes import ShapesDataset
 
-DATASETS = ["shapes", "folder", "imagenet", "cifar10"]
+DATASETS = ["shapes", "fashion-mnist", "folder", "imagenet", "cifar10"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_IMAGES = 1024  # held-out images per evaluation
 
 
 def resolve_data_path(name, data_path):
-    """--data-path of a dataset (CIFAR-10: data/cifar10 by default); ValueError if a folder dataset
-    has no DATA_PATH/train."""
-    if name == "cifar10" and data_path is None:
-        data_path = os.path.join(ROOT, "cifar10")
-    if name != "shapes" and not os.path.isdir(os.path.join(data_path or "", "train")):
+    """--data-path of a dataset (default data/cifar10 and data/fashion_mnist, where their prepare.py
+    writes); ValueError if the files are not there."""
+    if name in ("cifar10", "fashion-mnist") and data_path is None:
+        data_path = os.path.join(ROOT, name.replace("-", "_"))
+    if name == "fashion-mnist" and missing_files(data_path):
+        raise ValueError(f"--dataset fashion-mnist: {data_path} lacks {', '.join(missing_files(data_path))}; "
+                         "run python data/fashion_mnist/prepare.py (or give --data-path DIR with the four IDX files)")
+    if name not in ("shapes", "fashion-mnist") and not os.path.isdir(os.path.join(data_path or "", "train")):
         fix = "run python data/cifar10/prepare.py" if name == "cifar10" else "see data/imagenet/README.md"
         raise ValueError(f"--dataset {name} needs --data-path DIR with DIR/train/<class>/<image>; "
                          f"got {data_path!r} ({fix})")
@@ -45,15 +49,21 @@ def spread(dataset, n):
 def make_dataset(name, data_path, split, image_size, size=None, seed=0, augment=None, cache_dir="."):
     """The 'train' or 'val' split of a dataset, items (image (3, S, S) in [-1, 1], class). size: shapes
     renders exactly that many (default: 1,000,000 train images, effectively endless, and EVAL_IMAGES
-    held-out ones); a folder split is thinned evenly to at most size (default: all train images,
-    EVAL_IMAGES held-out ones). augment defaults to split == 'train'; cache_dir keeps a folder's scan."""
+    held-out ones); Fashion-MNIST and folder splits are thinned evenly to at most size (default: all
+    train images, EVAL_IMAGES held-out ones). augment: a folder's random crops and flips (default: split
+    == 'train'); cache_dir keeps a folder's scan."""
     size = size or (EVAL_IMAGES if split == "val" else None)
     if name == "shapes":
         return ShapesDataset(size or 1_000_000, image_size, seed, split)
+    if name == "fashion-mnist":
+        if image_size != 32:
+            raise ValueError(f"fashion-mnist images are 32 px (28 px padded); the preset's are {image_size}: "
+                             "use --preset toy")
+        return spread(FashionMNIST(data_path, split), size)
+    augment = split == "train" if augment is None else augment
     root = os.path.join(data_path, split)
     if split == "val" and not os.path.isdir(root):
         root = os.path.join(data_path, "test")  # CIFAR-10 calls its held-out split test
-    augment = split == "train" if augment is None else augment
     return spread(FolderDataset(root, image_size, augment, cache_dir), size)
 
 
