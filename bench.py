@@ -198,7 +198,7 @@ def generate_no_cache(gpt, labels, cfg, top_k, top_p, generator):
         logits = gpt.head(gpt.ln_f(x)).float()  # a plain forward: logits at every position of the prefix
         cond, uncond = logits[:, start:end].chunk(2)
         t = cfg * si / max(1, S - 1)
-        idx = tf.sample_logits(((1 + t) * cond - t * uncond).flatten(0, 1), 1.0, top_k, top_p, generator)
+        idx = tf.sample_logits((cond + t * (cond - uncond)).flatten(0, 1), 1.0, top_k, top_p, generator)
         idx = idx.view(B, s * s)
         f_hat = f_hat + tf.upsample(gpt.scale_codes(idx, s), n)
         out.append(idx)
