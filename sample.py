@@ -143,9 +143,11 @@ def decode(args, ckpt, tokenizer, out):
     except (OSError, ValueError) as e:  # a PNG or a pickled array ends here: we never unpickle
         raise ValueError(f"cannot read ids from {args.inputs[0]} ({type(e).__name__}); "
                          "give a .npy file of ids (N, L)") from None
+    if not isinstance(ids, np.ndarray):  # an .npz archive
+        raise ValueError(f"{args.inputs[0]} holds several arrays; give a .npy file of ids (N, L)")
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2 or not len(ids):
         raise ValueError(f"{args.inputs[0]} holds {ids.dtype} values of shape {ids.shape}; give token ids: "
-                         f"integers (N, L), N >= 1 (python sample.py encode writes them)")
+                         "integers (N, L), N >= 1 (python sample.py encode writes them)")
     x = tokenizer.decode(torch.from_numpy(ids.astype(np.int64)).to(args.device))
     save_grid([x], out)
     print(f"wrote {out}: {len(x)} images")

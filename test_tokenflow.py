@@ -732,7 +732,8 @@ def test_folder_dataset_trains_every_stage(tmp_path, capsys):
     assert np.load(os.path.join(out, "tokens", "val_labels.npy")).tolist() == [0] * 4 + [2] * 4  # cat is 2, as in train
     for name in ("teacher.pt", "tokenizer.pt", "gpt.pt"):
         assert tf.load_checkpoint(os.path.join(out, name))["classes"] == ["ant", "bee", "cat"], name
-    png = sample.main(["--out-dir", out, "--classes", "cat", "0", "3", "--per-class", "1", "--out", str(tmp_path / "s.png")])
+    png = sample.main(["--out-dir", out, "--classes", "cat", "0", "3", "--per-class", "1",
+                       "--out", str(tmp_path / "s.png")])
     assert "3 classes x 1 images, one row per class (cat, ant, null)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="'dog' is not a class of .*; give a name \\(ant, bee, cat\\) or a number"):
         sample.main(["--out-dir", out, "--classes", "dog", "--out", png])
@@ -814,6 +815,14 @@ def test_cifar10_prepare_writes_image_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "MD5", "0" * 32)
     with pytest.raises(ValueError, match="expected 0000"):
         prepare.main(["--archive", archive, "--out", str(tmp_path)])
+
+
+def test_cifar10_prepare_without_a_network_says_what_to_do(tmp_path, monkeypatch):
+    prepare = load_prepare()
+    monkeypatch.setattr(prepare.urllib.request, "urlretrieve", offline)
+    with pytest.raises(FileNotFoundError, match="download from .* failed \\(no network\\); fetch the file on a "
+                                                "machine with access and give it with --archive PATH"):
+        prepare.main(["--archive", str(tmp_path / "cifar.tar.gz"), "--out", str(tmp_path)])
 
 
 def test_cifar10_prepare_refuses_a_pickle_that_runs_code(tmp_path):
@@ -1273,7 +1282,8 @@ def test_any_exception_from_one_file_costs_that_file_only(tmp_path, monkeypatch,
             bar.update()
     assert ds.unreadable.value == 1
     lines = re.split("[\r\n]", capsys.readouterr().err)
-    assert sum(line.startswith(f"warning: skipping unreadable image {root / '1.png'} (error: unpack") for line in lines) == 1
+    warning = f"warning: skipping unreadable image {root / '1.png'} (error: unpack"
+    assert sum(line.startswith(warning) for line in lines) == 1
     with pytest.raises(ValueError, match="cannot read image .*1.png \\(error: unpack requires"):
         data.folders.load_images([str(root / "0.png"), str(root / "1.png")], 8)
 
@@ -1676,7 +1686,8 @@ def test_a_checkpoint_that_does_not_fit_or_is_missing_gets_one_line(tmp_path, ti
            f"(extra.weight); 1 misshapen ({names[6]} (3, 2) vs" in err
     out = str(tmp_path / "my run")
     for script, argv, command in [
-            (sample, ["--tokenizer", os.path.join(out, "decoder.pt")], "--stage tokenizer --finetune-decoder --enhanced-decoder"),
+            (sample, ["--tokenizer", os.path.join(out, "decoder.pt")],
+             "--stage tokenizer --finetune-decoder --enhanced-decoder"),
             (sample, [], "--stage tokenizer"), (evaluate, [], "--stage tokenizer")]:
         with pytest.raises(SystemExit):
             script.cli(argv + ["--out-dir", out])
@@ -1703,12 +1714,12 @@ def test_sampling_never_gives_nan(gpt):
             gpt.generate(labels, **bad)
 
 
-MISSING, FOLDER, TEXT, IMAGE, IDS = "<missing>", "<folder>", "<text>", "<image>", "<ids>"  # paths, made per test
+MISSING, FOLDER, TEXT, IMAGE, IDS, NPZ = "<missing>", "<folder>", "<text>", "<image>", "<ids>", "<npz>"  # paths
 HOSTILE = {"number": ["nan", "inf", "-inf", "0", "-1", "1e30", ""], "string": ["", "nan", MISSING, FOLDER, TEXT],
            "choice": ["", "bogus"]}
 MORE_HOSTILE = {"--temperature": ["1e-40"], "--cfg": ["1e38"], "--top-p": ["1.5"], "--seed": [str(2**63)],
                 "--classes": ["-1", "1e30", "bogus"], "--refine": ["nan,nan", "1e30,0.5", "-1,0.5", "5,inf", "x"],
-                "inputs": [IMAGE, IDS]}
+                "inputs": [IMAGE, IDS, NPZ]}
 PARSE_ONLY = {"--compile": "torch.compile takes minutes on a CPU"}  # its parse is checked, not a run
 STAGE = {"--stage": "tokenizer"}
 SCRIPTS = {  # base arguments that keep a run tiny, and per flag (positionals first, options after the base)
@@ -1759,6 +1770,10 @@ def tiny_out_dir(out):
                        classes=classes)
 
 
+def offline(*args):
+    raise OSError("no network")
+
+
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_no_flag_answers_hostile_values_with_a_traceback(name, tmp_path, monkeypatch, capsys):
     """The property behind issue 15: each script's command line (cli: parser, checks and main, in this
@@ -1767,7 +1782,7 @@ def test_no_flag_answers_hostile_values_with_a_traceback(name, tmp_path, monkeyp
     values run main on tiny sizes (train: one step of the teacher, or of the tokenizer for its flags)."""
     script = {"train": train, "sample": sample, "evaluate": evaluate}[name]
     monkeypatch.chdir(tmp_path)  # relative paths (--out-dir nan) land here
-    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", offline)  # nothing downloads in tests
     out = str(tmp_path / "out")
     if name == "train":
         os.makedirs(out)
@@ -1780,8 +1795,10 @@ def test_no_flag_answers_hostile_values_with_a_traceback(name, tmp_path, monkeyp
     (tmp_path / "notes.txt").write_text("not what any flag wants")
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     np.save(tmp_path / "floats.npy", np.zeros((1, TINY.seq_len)))
-    paths = {MISSING: str(tmp_path / "missing" / "x"), FOLDER: str(tmp_path / "folder"), TEXT: str(tmp_path / "notes.txt"),
-             IMAGE: str(tmp_path / "a.png"), IDS: str(tmp_path / "floats.npy")}
+    np.savez(tmp_path / "ids.npz", np.zeros((1, TINY.seq_len), np.int64))
+    paths = {MISSING: str(tmp_path / "missing" / "x"), FOLDER: str(tmp_path / "folder"),
+             TEXT: str(tmp_path / "notes.txt"), IMAGE: str(tmp_path / "a.png"), IDS: str(tmp_path / "floats.npy"),
+             NPZ: str(tmp_path / "ids.npz")}
     base, context = SCRIPTS[name]
     failures, codes = [], {}
     for flag, argv in hostile_cases(script.parser(), base + ["--out-dir", out], context):

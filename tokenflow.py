@@ -1030,7 +1030,8 @@ def load_model(path, kind, tokenizer=None):
                              "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
         if ckpt.get("tokenizer_id", tokenizer_id(tokenizer)) != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
             raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
-                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt)")
+                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
+                             "DIR/tokenizer.pt being it)")
         model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -483,7 +484,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     if diff:
         raise ValueError(f"tokenizer {tokenizer_path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
                          "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
-                         "for this preset first")
+                         f"for this preset first (python train.py --preset {args.preset} --stage tokenizer --out-dir "
+                         f"{shlex.quote(args.out_dir)})")
     tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
     gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tf.tokenizer_id(tokenizer)
@@ -665,7 +667,8 @@ class Checkpoints:
             raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
                              f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
         if "optimizer" not in ckpt:
-            raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another --out-dir")
+            raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another "
+                             "--out-dir")
         self.model.load_state_dict(tf.matching_weights(self.model, ckpt["model"], path))
         self.opt.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)

@@ -43,7 +43,8 @@ def parse_refine(p, pairs):
     except ValueError:
         p.error(f"--refine takes TOP_K,TOP_P pairs such as 100,0.8 1,0; got {' '.join(pairs)}")
     if any(k < 0 or not 0 <= q <= 1 for k, q in refine or []):
-        p.error(f"--refine: top-k values must be >= 0 (0 = off) and top-p values in [0, 1] (0 = off); got {' '.join(pairs)}")
+        p.error(f"--refine: top-k values must be >= 0 (0 = off) and top-p values in [0, 1] (0 = off); "
+                f"got {' '.join(pairs)}")
     return refine
 
 
@@ -91,8 +92,9 @@ def check_output_file(p, what, path, extensions=None):
         p.error(f"{what} {path}: name it with one of {', '.join(extensions[:4])}{', ...' if len(extensions) > 4 else ''}")
 
 
-IMAGE_OUTPUTS = (".png", ".jpg", ".jpeg", ".webp") + tuple(sorted(  # the common ones first, then all Pillow writes
-    e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE and e not in (".png", ".jpg", ".jpeg", ".webp")))
+COMMON_IMAGES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_OUTPUTS = COMMON_IMAGES + tuple(sorted(  # then every other kind Pillow writes
+    e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE and e not in COMMON_IMAGES))
 
 
 def check_classes(found, expected, what, fix):

@@ -6,6 +6,7 @@ the tests or the toy run.
 
 import hashlib
 import os
+import shlex
 import sys
 import urllib.request
 
@@ -76,8 +77,9 @@ def load_teacher(path, cfg, maybe_clip=True, classes=None):
     if maybe_clip and os.path.isfile(path) and "visual.conv1.weight" in tf.read_weights(path):
         return tf.clip_teacher(path, cfg).eval().requires_grad_(False)
     teacher, ckpt = tf.load_model(path, "teacher")
+    out_dir = shlex.quote(os.path.dirname(path) or ".")
     check_classes(ckpt.get("classes"), classes, f"teacher {path}", "train a teacher on this data (python train.py "
-                  "--stage teacher) or give the data it was trained on")
+                  f"--stage teacher --out-dir {out_dir}) or give the data it was trained on")
     diff = tf.config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
                                              "vit_quick_gelu", "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
     if diff:
