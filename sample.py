@@ -21,7 +21,7 @@ import torch
 import tokenflow as tf
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
 from data.checks import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
-                         check_output_file, parse_refine, run_script)
+                         check_output_file, listing, parse_refine, run_script)
 from data.folders import load_images, save_grid
 
 
@@ -90,7 +90,7 @@ def class_ids(wanted, names, num_classes, path):
         elif c.isdigit() and int(c) <= num_classes:
             ids.append(int(c))
         else:
-            known = f"a name ({', '.join(names)}) or " if names else ""
+            known = f"a name ({listing(names)}) or " if names else ""
             raise ValueError(f"--classes {c!r} is not a class of {path}; give {known}a number in [0, {num_classes}], "
                              f"with {num_classes} the null class")
     return ids

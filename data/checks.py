@@ -97,11 +97,21 @@ IMAGE_OUTPUTS = COMMON_IMAGES + tuple(sorted(  # then every other kind Pillow wr
     e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE and e not in COMMON_IMAGES))
 
 
+def listing(names, most=8):
+    """Names for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
+    names = [str(n) for n in names]
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])}, ... ({len(names)} in all)"
+
+
 def check_classes(found, expected, what, fix):
     """Two class lists (a checkpoint's, a dataset's) must be the same, or labels would mean other
     classes; a list that is None (a checkpoint from before class names were saved) is not checked."""
-    if found is not None and expected is not None and list(found) != list(expected):
-        raise ValueError(f"{what} has the classes {', '.join(found)}, expected {', '.join(expected)}; {fix}")
+    if found is None or expected is None or list(found) == list(expected):
+        return
+    extra, lacking = [c for c in found if c not in expected], [c for c in expected if c not in found]
+    how = "; ".join([f"has {listing(extra)} too"] * bool(extra) + [f"lacks {listing(lacking)}"] * bool(lacking)) \
+        or "has them in another order"
+    raise ValueError(f"{what} {how} (its classes: {listing(found)}; expected: {listing(expected)}); {fix}")
 
 
 def run_script(main, argv=None, exit_codes=()):

@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from data.checks import listing
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -74,8 +76,8 @@ def scan_folder(root, cache_dir, classes=None):
     classes = list(classes or training_classes(root))
     unknown = [c for c in found if c not in classes]
     if unknown:
-        raise ValueError(f"{root} has class folders the training split lacks: {', '.join(unknown)}; the training "
-                         f"split's folders define the classes ({', '.join(classes)}): add them there or remove them here")
+        raise ValueError(f"{root} has class folders the training split lacks: {listing(unknown)}; the training "
+                         f"split's folders define the classes ({listing(classes)}): add them there or remove them here")
     cache = os.path.join(cache_dir, f"filelist_{hashlib.sha256(root.encode()).hexdigest()[:12]}.json")
     if os.path.exists(cache):
         with open(cache) as f:
