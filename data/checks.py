@@ -31,9 +31,12 @@ def check_numbers(p, args, ranges):
 
 SEED = (lambda v: 0 <= v < 2**63, "in [0, 2^63)")  # what torch and NumPy seeds take
 SAMPLING_NUMBERS = {  # the sampling flags of sample.py and evaluate.py
-    "cfg": (lambda v: v >= 0, ">= 0 (a finite number; 0 = none)"), "temperature": (lambda v: v > 0, "> 0 (a finite "
-    "number; below ~1e-38, greedy)"), "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "top_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"), "seed": SEED}
+    "cfg": (lambda v: v >= 0, ">= 0 (a finite number; 0 = none)"),
+    "temperature": (lambda v: v > 0, "> 0 (a finite number; below ~1e-38, greedy)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    "seed": SEED,
+}
 
 
 def parse_refine(p, pairs):
@@ -89,7 +92,7 @@ def check_output_file(p, what, path, extensions=None):
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         p.error(f"{what} {path}: the folder {os.path.dirname(path)} does not exist; create it first")
     if extensions and not path.lower().endswith(extensions):
-        p.error(f"{what} {path}: name it with one of {', '.join(extensions[:4])}{', ...' if len(extensions) > 4 else ''}")
+        p.error(f"{what} {path}: name it with one of {listing(extensions, most=4)}")
 
 
 COMMON_IMAGES = (".png", ".jpg", ".jpeg", ".webp")
@@ -109,8 +112,9 @@ def check_classes(found, expected, what, fix):
     if found is None or expected is None or list(found) == list(expected):
         return
     extra, lacking = [c for c in found if c not in expected], [c for c in expected if c not in found]
-    how = "; ".join([f"has {listing(extra)} too"] * bool(extra) + [f"lacks {listing(lacking)}"] * bool(lacking)) \
-        or "has them in another order"
+    how = [f"has {listing(extra)} too"] if extra else []
+    how += [f"lacks {listing(lacking)}"] if lacking else []
+    how = "; ".join(how) or "has them in another order"
     raise ValueError(f"{what} {how} (its classes: {listing(found)}; expected: {listing(expected)}); {fix}")
 
 
