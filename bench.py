@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenflow as tf
 import train
 from data import TokenDataset, device_batches
+from data.checks import check_device, run_script
 from data.shapes import ShapesDataset
 from evaluate import autocast_ctx
 
@@ -198,7 +199,7 @@ def generate_no_cache(gpt, labels, cfg, top_k, top_p, generator):
         logits = gpt.head(gpt.ln_f(x)).float()  # a plain forward: logits at every position of the prefix
         cond, uncond = logits[:, start:end].chunk(2)
         t = cfg * si / max(1, S - 1)
-        idx = tf.sample_logits(((1 + t) * cond - t * uncond).flatten(0, 1), 1.0, top_k, top_p, generator)
+        idx = tf.sample_logits((cond + t * (cond - uncond)).flatten(0, 1), 1.0, top_k, top_p, generator)
         idx = idx.view(B, s * s)
         f_hat = f_hat + tf.upsample(gpt.scale_codes(idx, s), n)
         out.append(idx)
@@ -411,8 +412,10 @@ def main(argv=None):
                    help="train: autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--gpus", type=int, default=8, help="estimate: GPUs the global batches of train.py's DEFAULTS spread over")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.gpus < 1 or args.gpt_width % 64 or (args.batch_size or 1) < 1:
-        p.error("--repeats, --gpus and --batch-size must be >= 1 and --gpt-width a multiple of 64")
+    width_ok = args.gpt_width >= 64 and args.gpt_width % 64 == 0  # heads of 64
+    if min(args.repeats, args.gpus, args.gpt_depth, args.batch_size or 1) < 1 or not width_ok:
+        p.error("--repeats, --gpus, --gpt-depth and --batch-size must be >= 1 and --gpt-width a multiple of 64")
+    check_device(p, args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     run = {"vq": bench_vq, "sample": bench_sample, "train": bench_train,
            "estimate": lambda a: estimate({s: train.DEFAULTS[("tokenflow-b", s)]["batch_size"] // a.gpus
@@ -422,4 +425,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # bad input: one line, exit code 2

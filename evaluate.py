@@ -47,7 +47,6 @@ import argparse
 import inspect
 import json
 import os
-import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -57,6 +56,8 @@ import torch.nn.functional as F
 
 import tokenflow as tf
 from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path, save_atomically
+from data.checks import (SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file, check_numbers,
+                         check_output_file, parse_refine, run_script)
 from data.folders import class_rows, keep_class_examples, save_grid, to_uint8
 from data.shapes import PALETTE, ShapesDataset
 from data.weights import load_teacher, teacher_path
@@ -282,6 +283,24 @@ def code_features(tokenizer, teacher, dataset, pool, batch_size, device, dtype):
 
 
 def get_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    args.refine = parse_refine(p, args.refine)
+    check_numbers(p, args, {**SAMPLING_NUMBERS, **{name: (lambda v: v >= 1, ">= 1") for name in
+                                         ("eval_images", "num_images", "probe_images", "batch_size")}})
+    if (args.ref or args.recon) and args.mode != "export":
+        p.error("--ref and --recon choose what export writes; use them with export")
+    if args.pool != "mean" and args.mode != "probe":
+        p.error("--pool is for probe")
+    if args.teacher not in (None, "toy", "clip-vit-b16"):
+        check_input_file(p, "--teacher", args.teacher)
+    check_folder(p, "--out-dir", args.out_dir)  # (a missing --tokenizer file gets the command that makes it, later)
+    check_output_file(p, "--out", args.out, (".npz",))
+    check_device(p, args.device)
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="eval", choices=["eval", "probe", "export"])
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt, gpt.pt and teacher.pt")
@@ -315,23 +334,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype of the forward passes")
-    args = p.parse_args(argv)
-    try:
-        args.refine = [(int(k), float(q)) for k, q in (pair.split(",") for pair in args.refine or [])] or None
-    except ValueError:
-        p.error(f"--refine takes TOP_K,TOP_P pairs such as 100,0.8 1,0; got {' '.join(args.refine)}")
-    for name in ("eval_images", "num_images", "probe_images", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if any(k < 0 or not 0 <= q <= 1 for k, q in [(args.top_k, args.top_p)] + (args.refine or [])):
-        p.error("top-k values must be >= 0 (0 = off) and top-p values in [0, 1] (0 = off)")
-    if args.cfg < 0 or not args.temperature > 0:
-        p.error("--cfg must be >= 0 (0 = off) and --temperature > 0")
-    if (args.ref or args.recon) and args.mode != "export":
-        p.error("--ref and --recon choose what export writes; use them with export")
-    if args.pool != "mean" and args.mode != "probe":
-        p.error("--pool is for probe")
-    return args
+    return p
 
 
 class Run:
@@ -347,18 +350,25 @@ class Run:
         same = self.dataset == trained.get("dataset")
         self.data_path = args.data_path or (trained.get("data_path") if same else None)
         self.seed = trained.get("seed", 0) if same else 0  # the shapes held-out split depends on it
+        self.classes = ckpt.get("classes") if same else None  # what a label means in this run
         self.teacher_name = args.teacher or trained.get("teacher", "toy")
 
     def data(self, split, size, augment=False):
-        return make_dataset(self.dataset, resolve_data_path(self.dataset, self.data_path), split,
+        data = make_dataset(self.dataset, resolve_data_path(self.dataset, self.data_path), split,
                             self.tokenizer.cfg.image_size, size, self.seed, augment, cache_dir=self.args.out_dir)
+        check_classes(data.classes, self.classes, f"the {split} split of {self.data_path or self.dataset}",
+                      f"evaluate {self.tokenizer_path} on the data it was trained on")
+        return data
 
     def teacher(self):
         path = teacher_path(self.teacher_name, self.args.out_dir)
-        return load_teacher(path, self.tokenizer.cfg, maybe_clip=self.teacher_name != "toy").to(self.args.device)
+        return load_teacher(path, self.tokenizer.cfg, self.teacher_name != "toy", self.classes).to(self.args.device)
 
     def gpt(self):
-        return tf.load_model(os.path.join(self.args.out_dir, "gpt.pt"), "gpt", self.tokenizer)[0].to(self.args.device).eval()
+        path = os.path.join(self.args.out_dir, "gpt.pt")
+        gpt, ckpt = tf.load_model(path, "gpt", self.tokenizer)
+        check_classes(ckpt.get("classes"), self.classes, f"GPT {path}", f"give the GPT of {self.tokenizer_path}'s run")
+        return gpt.to(self.args.device).eval()
 
     def samples(self, gpt, n, cfg):
         """n class-balanced samples at guidance cfg, in batches -> (labels, ids, images)."""
@@ -487,9 +497,10 @@ def main(argv=None):
     return {"eval": evaluate, "probe": probe, "export": export}[args.mode](Run(args))
 
 
+def cli(argv=None):
+    """The command line: bad input ends in one line and exit code 2."""
+    return run_script(main, argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli()

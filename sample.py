@@ -14,17 +14,37 @@ Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights)
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
 import tokenflow as tf
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
+from data.checks import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
+                         check_output_file, listing, parse_refine, run_script)
 from data.folders import class_rows, keep_class_examples, load_images, save_grid
 
 
 def get_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    check_numbers(p, args, {**SAMPLING_NUMBERS, "per_class": (lambda v: v >= 1, ">= 1")})
+    args.refine = parse_refine(p, args.refine)
+    if args.mode == "decode" and len(args.inputs) != 1:
+        p.error("decode takes exactly one .npy file of ids")
+    if args.mode == "encode" and not args.inputs:
+        p.error("encode takes one or more image files")
+    for path in args.inputs:
+        check_input_file(p, f"{args.mode}: input file", path)
+    if args.mode == "generate" and args.inputs:
+        p.error(f"generate takes no files (got {args.inputs[0]}); did you mean reconstruct or encode?")
+    check_folder(p, "--out-dir", args.out_dir)  # (a missing --tokenizer file gets the command that makes it, later)
+    check_output_file(p, "--out", args.out, (".npy",) if args.mode == "encode" else IMAGE_OUTPUTS)
+    check_device(p, args.device)
+    return args
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode"])
     p.add_argument("inputs", nargs="*", help="reconstruct/encode: image files (reconstruct without files: "
@@ -38,8 +58,8 @@ def get_args(argv=None):
                    "images of this dataset (default: the tokenizer's)")
     p.add_argument("--data-path", default=None, help="root of a folder dataset (default: the tokenizer's)")
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
-    p.add_argument("--classes", type=int, nargs="+", default=None,
-                   help="class ids, one grid row each (default: all); the id num_classes is the null class")
+    p.add_argument("--classes", nargs="+", default=None, help="classes, one grid row each (default: all): names "
+                   "(the training split's folders; a name wins over a number) or numbers, num_classes = the null class")
     p.add_argument("--per-class", type=int, default=8, help="images per class")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; 0 = none")
     p.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
@@ -51,21 +71,7 @@ def get_args(argv=None):
                    help="multi-step sampling: re-predict each scale once per pair (paper: 100,0.8 1,0)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler: the same seed gives the same images")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    args = p.parse_args(argv)
-    try:
-        args.refine = [(int(k), float(q)) for k, q in (pair.split(",") for pair in args.refine or [])] or None
-    except ValueError:
-        p.error(f"--refine takes TOP_K,TOP_P pairs such as 100,0.8 1,0; got {' '.join(args.refine)}")
-    if args.per_class < 1 or (args.temperature is not None and args.temperature <= 0):
-        p.error("--per-class must be >= 1 and --temperature > 0")
-    filters = [(args.top_k or 0, args.top_p or 0)] + (args.refine or [])
-    if any(k < 0 or not 0 <= q <= 1 for k, q in filters):
-        p.error("top-k values must be >= 0 (0 = off) and top-p values in [0, 1] (0 = off)")
-    if args.mode == "decode" and len(args.inputs) != 1:
-        p.error("decode takes exactly one .npy file of ids")
-    if args.mode == "encode" and not args.inputs:
-        p.error("encode takes one or more image files")
-    return args
+    return p
 
 
 def sampling_options(args):
@@ -74,15 +80,33 @@ def sampling_options(args):
             if getattr(args, k) is not None}
 
 
+def class_ids(wanted, names, num_classes, path):
+    """--classes (names or numbers) -> class ids; names: the GPT's classes (None in a checkpoint from
+    before they were saved); num_classes is the null class."""
+    ids = []
+    for c in wanted:
+        if names and c in names:
+            ids.append(names.index(c))
+        elif c.isdigit() and int(c) <= num_classes:
+            ids.append(int(c))
+        else:
+            known = f"a name ({listing(names)}) or " if names else ""
+            raise ValueError(f"--classes {c!r} is not a class of {path}; give {known}a number in [0, {num_classes}], "
+                             f"with {num_classes} the null class")
+    return ids
+
+
 def generate(args, ckpt, tokenizer, out):
-    gpt, _ = tf.load_model(os.path.join(args.out_dir, "gpt.pt"), "gpt", tokenizer)
-    gpt = gpt.to(args.device).eval()
-    classes = args.classes if args.classes is not None else list(range(gpt.cfg.num_classes))
+    path = os.path.join(args.out_dir, "gpt.pt")
+    gpt, gpt_ckpt = tf.load_model(path, "gpt", tokenizer)
+    gpt, names = gpt.to(args.device).eval(), gpt_ckpt.get("classes")
+    classes = class_ids(args.classes or [], names, gpt.cfg.num_classes, path) or list(range(gpt.cfg.num_classes))
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
     g = torch.Generator(args.device).manual_seed(args.seed)
     x = tokenizer.decode(gpt.generate(labels, generator=g, **sampling_options(args)))
     save_grid(list(x.split(args.per_class)), out)
-    print(f"wrote {out}: {len(classes)} classes x {args.per_class} images, one row per class")
+    rows = ", ".join("null" if c == gpt.cfg.num_classes else names[c] if names else str(c) for c in classes)
+    print(f"wrote {out}: {len(classes)} classes x {args.per_class} images, one row per class ({rows})")
     return out
 
 
@@ -124,8 +148,11 @@ def decode(args, ckpt, tokenizer, out):
     except (OSError, ValueError) as e:  # a PNG or a pickled array ends here: we never unpickle
         raise ValueError(f"cannot read ids from {args.inputs[0]} ({type(e).__name__}); "
                          "give a .npy file of ids (N, L)") from None
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{args.inputs[0]} holds {ids.dtype} values; token ids must be integers")
+    if not isinstance(ids, np.ndarray):  # an .npz archive
+        raise ValueError(f"{args.inputs[0]} holds several arrays; give a .npy file of ids (N, L)")
+    if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2 or not len(ids):
+        raise ValueError(f"{args.inputs[0]} holds {ids.dtype} values of shape {ids.shape}; give token ids: "
+                         "integers (N, L), N >= 1 (python sample.py encode writes them)")
     x = tokenizer.decode(torch.from_numpy(ids.astype(np.int64)).to(args.device))
     save_grid([x], out)
     print(f"wrote {out}: {len(x)} images")
@@ -144,9 +171,10 @@ def main(argv=None):
     return run(args, ckpt, tokenizer.to(args.device).eval(), args.out or os.path.join(args.out_dir, default_out))
 
 
+def cli(argv=None):
+    """The command line: bad input ends in one line and exit code 2."""
+    return run_script(main, argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli()

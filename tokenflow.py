@@ -39,6 +39,8 @@ import io
 import math
 import os
 import pickle
+import re
+import shlex
 import zipfile
 from dataclasses import asdict, dataclass, fields
 
@@ -586,17 +588,23 @@ class GPTConfig:
 def sample_logits(logits_NK, temperature=1.0, top_k=0, top_p=0.0, generator=None):
     """One id per row of logits (N, K) -> (N,). top_k > 0 keeps the k most likely ids; 0 < top_p < 1
     then keeps the smallest set of them whose probability reaches top_p (nucleus sampling, Holtzman
-    et al. 2019); 0 turns either filter off. Filtering the top-k first avoids sorting all K ids."""
-    logits = logits_NK.float() / temperature
+    et al. 2019); 0 turns either filter off. Filtering the top-k first avoids sorting all K ids.
+    A temperature too small to divide by (below float32's smallest normal number, 0 included) picks
+    the most likely id, the limit of T -> 0; finite or infinite logits never give NaN."""
+    big = torch.finfo(torch.float32).max
+    logits = logits_NK.float().clamp(-big, big)  # an infinite logit (huge guidance) stays the largest
     ids = None  # positions in the (filtered, sorted) logits map back to ids through this
     if top_k > 0:
         logits, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # sorted, most likely first
     elif 0 < top_p < 1:
         logits, ids = logits.sort(dim=-1, descending=True)
-    probs = logits.softmax(-1)
-    if 0 < top_p < 1:
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the top id always stays
-    pick = torch.multinomial(probs, 1, generator=generator)  # (N, 1); unnormalised weights are fine
+    if temperature < torch.finfo(torch.float32).tiny:
+        pick = logits.argmax(-1, keepdim=True)  # greedy
+    else:  # the largest logit becomes 0 before dividing: the rest may go to -inf (probability 0), never NaN
+        probs = ((logits - logits.max(-1, keepdim=True).values) / temperature).softmax(-1)
+        if 0 < top_p < 1:
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the top id always stays
+        pick = torch.multinomial(probs, 1, generator=generator)  # (N, 1); unnormalised weights are fine
     return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
 
 
@@ -632,8 +640,8 @@ class GPT(nn.Module):
 
     def check_inputs(self, labels_B, idx_BL=None):
         if labels_B.dtype != torch.long or ((labels_B < 0) | (labels_B > self.cfg.num_classes)).any():
-            raise ValueError(f"class labels must be integers in [0, {self.cfg.num_classes}) ({self.cfg.num_classes} "
-                             f"= unconditional), got {labels_B.tolist()}")
+            raise ValueError(f"class labels must be integers in [0, {self.cfg.num_classes}], with {self.cfg.num_classes} "
+                             f"the null class (unconditional), got {labels_B.tolist()}")
         L, K = len(self.level), len(self.codes)
         if idx_BL is not None and (idx_BL.ndim != 2 or idx_BL.shape != (len(labels_B), L)):
             raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected ({len(labels_B)}, {L}) "
@@ -688,7 +696,7 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x)).float()  # (B or 2B, l, K)
         if t is not None:
             cond, uncond = logits.chunk(2)
-            logits = (1 + t) * cond - t * uncond  # classifier-free guidance (Ho & Salimans 2022)
+            logits = cond + t * (cond - uncond)  # CFG (Ho & Salimans 2022): (1 + t) c - t u, without inf - inf
         return logits.flatten(0, 1)
 
     @torch.no_grad()
@@ -705,6 +713,9 @@ class GPT(nn.Module):
           [(100, 0.8), (1, 0.0)]. The cache keeps the first pass, so later scales see the same
           inputs as in training."""
         self.check_inputs(labels)
+        if not (math.isfinite(cfg) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"cfg must be a finite number and temperature a finite number >= 0 (0: greedy); "
+                             f"got cfg {cfg}, temperature {temperature}")
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         B, S, n = len(labels), len(self.scales), self.grid
@@ -855,9 +866,9 @@ def read_weights(path):
             names = zf.namelist()
             if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
                 root = names[0].split("/")[0]
-                return named_tensors(ScriptWeightsUnpickler(zf, root).load())
+                return unwrapped(named_tensors(ScriptWeightsUnpickler(zf, root).load()))
     sd = load_checkpoint(path)  # torch.load(weights_only=True), with its clear errors
-    return sd.get("state_dict", sd)
+    return unwrapped(sd.get("state_dict", sd))
 
 
 def resize_positions(pos_1ND, grid):
@@ -877,24 +888,28 @@ def load_clip(path, grid=None):
     tensor shapes, and grid (default: CLIP's own) resizes the position embeddings. Called on
     CLIP-normalised images it returns the patch tokens after ln_post (B, N, width); its extra
     `proj` (Linear, no bias) maps them to CLIP's embedding space."""
-    sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items() if k.startswith("visual.")}
-    if "conv1.weight" not in sd:
-        raise ValueError(f"{path} has no visual.conv1.weight: not a CLIP checkpoint with a ViT image encoder")
+    sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items()
+          if k.startswith("visual.") and isinstance(v, torch.Tensor)}
+    lacks = [f"visual.{k}" for k in ("conv1.weight", "positional_embedding", "proj", "transformer.resblocks.0.ln_1.weight")
+             if k not in sd]
+    if lacks:
+        raise ValueError(f"{path} has no {', '.join(lacks)}: not a CLIP checkpoint with a ViT image encoder")
     width, _, patch, _ = sd["conv1.weight"].shape
     grid = grid or math.isqrt(sd["positional_embedding"].shape[0] - 1)
     sd["positional_embedding"] = resize_positions(sd["positional_embedding"], grid)
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     vit = ViT(3, patch, grid, width, depth, width // 64, quick_gelu=True)  # CLIP: 64-d heads
-    ours = {k: sd[k] for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",
-                               "ln_pre.bias", "ln_post.weight", "ln_post.bias")}
+    ours = {k: k for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",
+                           "ln_pre.bias", "ln_post.weight", "ln_post.bias")}  # our name -> CLIP's
     names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
              "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
              "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias", "mlp.c_proj.weight": "mlp.2.weight",
              "mlp.c_proj.bias": "mlp.2.bias", "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
              "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias"}
     for i in range(depth):
-        ours.update({f"blocks.{i}.{b}": sd[f"transformer.resblocks.{i}.{a}"] for a, b in names.items()})
-    vit.load_state_dict(ours)  # strict: a missing or misshapen tensor stops here
+        ours.update({f"blocks.{i}.{b}": f"transformer.resblocks.{i}.{a}" for a, b in names.items()})
+    # a missing or misshapen tensor stops here, named
+    vit.load_state_dict(matching_weights(vit, {k: sd[c] for k, c in ours.items() if c in sd}, f"CLIP weights {path}"))
     vit.proj = nn.Linear(width, sd["proj"].shape[1], bias=False)
     vit.proj.weight.data.copy_(sd["proj"].T)  # CLIP applies x @ proj
     return vit
@@ -932,19 +947,62 @@ def save_checkpoint(path, kind, config, model, step=0, **extra):
     os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
 
 
+MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "gpt.pt": "--stage gpt",
+           "decoder.pt": "--stage tokenizer --finetune-decoder --enhanced-decoder"}  # train.py's files and flags
+
+
+def missing_file_hint(path, kind):
+    """What to do about a checkpoint that is not there: the train.py command that writes it."""
+    out_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
+    if name in MADE_BY:
+        return f"train it first: python train.py {MADE_BY[name]} --out-dir {shlex.quote(out_dir)}"
+    if kind in ("teacher", "tokenizer", "gpt"):
+        return f"check the path (python train.py --stage {kind} --out-dir DIR writes DIR/{kind}.pt)"
+    return "check the path"
+
+
 def load_checkpoint(path, kind=None):
     """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer', 'gpt'), check it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}; train it first (python train.py --stage {kind or 'all'})")
+        raise FileNotFoundError(f"no checkpoint at {path}; {missing_file_hint(path, kind)}") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise FileNotFoundError(f"cannot read {path} ({type(e).__name__}: {e.strerror}); give a checkpoint file") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a checkpoint this code can read safely ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]}); it is corrupt or holds more than tensors and plain values")
+        lines = [line for line in str(e).splitlines() if line.strip()] or ["empty or cut short"]
+        why = next((line for line in lines if line.startswith("Unsupported")), lines[0])  # torch's says which
+        raise ValueError(f"{path} is not a checkpoint this code can read safely ({type(e).__name__}: {why}); it is "
+                         "not a file of train.py, is corrupt, or holds more than tensors and plain values") from None
     if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
+        raise ValueError(f"{path} holds a {found!r} checkpoint, expected {kind!r}"
+                         + ("; it is not a checkpoint of train.py (a bare state dict?)" if found is None else ""))
+    if kind is not None and not {"config", "model"} <= ckpt.keys():
+        raise ValueError(f"{path} lacks {sorted({'config', 'model'} - ckpt.keys())}: not a whole checkpoint of train.py")
     return ckpt
+
+
+def unwrapped(state_dict):
+    """Names without the prefixes that wrappers add to the same weights: DDP's 'module.' in front,
+    torch.compile's '_orig_mod.' in front of the module it compiled (nanoGPT strips the same)."""
+    return {re.sub(r"^(module\.)+", "", k).replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+def matching_weights(model, state_dict, source):
+    """A state dict checked against a model (wrapper prefixes stripped) -> the dict to load. Missing,
+    unexpected or misshapen tensors -> ValueError: their counts and the first few names."""
+    sd, own = unwrapped(state_dict), model.state_dict()
+    shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+    problems = {"missing": [k for k in own if k not in sd], "unexpected": [k for k in sd if k not in own],
+                "misshapen": [f"{k} {shape(sd[k])} vs {shape(own[k])}" for k in own if k in sd
+                              and shape(sd[k]) != shape(own[k])]}
+    if any(problems.values()):
+        found = "; ".join(f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                          for what, v in problems.items() if v)
+        raise ValueError(f"{source} does not fit a {type(model).__name__} of its config: {found}; it was saved by "
+                         "other code or for other sizes")
+    return sd
 
 
 def tokenizer_id(tokenizer):
@@ -972,12 +1030,13 @@ def load_model(path, kind, tokenizer=None):
                              "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
         if ckpt.get("tokenizer_id", tokenizer_id(tokenizer)) != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
             raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
-                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt)")
+                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
+                             "DIR/tokenizer.pt being it)")
         model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])
         model = Teacher(cfg, ckpt["num_classes"]) if kind == "teacher" else TokenFlow(cfg)
-    model.load_state_dict(ckpt.get("ema", ckpt["model"]))
+    model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
     return model, ckpt
 
 

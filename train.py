@@ -15,8 +15,8 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -32,6 +32,7 @@ from tqdm import tqdm
 import tokenflow as tf
 from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
                   resolve_data_path)
+from data.checks import SEED, check_device, check_folder, check_numbers, run_script
 from data.folders import save_grid
 from data.weights import load_lpips, load_teacher, teacher_path
 from evaluate import (DEFAULT_CFG, autocast_ctx, class_accuracy, evaluate_gpt, evaluate_teacher,
@@ -54,15 +55,37 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
 }
 DATASET_DEFAULTS = {  # (dataset, stage) -> changes to the toy preset's DEFAULTS for that dataset
     # real photos need a longer-trained toy teacher than the shapes: 1,000 steps reach 79.5% on the
-    # Fashion-MNIST test set, 3,000 steps at lr 2e-3 88.7% (data/fashion_mnist/README.md)
-    ("fashion-mnist", "teacher"): dict(iters=4000, lr=2e-3),
+    # Fashion-MNIST test set, 3,000 steps at lr 2e-3 88.7%, 4,000 89.4% (data/fashion_mnist/README.md)
+    ("fashion-mnist", "teacher"): dict(iters=3500, lr=2e-3),
 }
-ENHANCED_DECODER = dict(pix_dec_ch=256, pix_dec_res_blocks=4)  # the official enhanced decoder: 237.1M parameters
+# images the GPT stage tokenizes (default: all of a dataset): the shapes are endless; 60,000
+# Fashion-MNIST images take 2.4 min on 2 cores, and 500 steps x 64 see 32,000
+TOKEN_IMAGES = {"shapes": 8192, "fashion-mnist": 16384}
 CODEBOOKS = {"dual": {}, "pixel": dict(sem_dim=0), "semantic": dict(pix_dim=0)}  # --codebook: a half of width 0 is absent
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
+NUMBERS = {  # what each numeric flag must be, checked when the command line is parsed
+    "iters": (lambda v: v >= 0, ">= 0"), "num_workers": (lambda v: v >= 0, ">= 0"),
+    "disc_start": (lambda v: v >= 0, ">= 0"), "seed": SEED,
+    **{name: (lambda v: v > 0, "> 0") for name in ("batch_size", "eval_interval", "eval_images", "token_images",
+                                                    "grad_accum", "codebook_size")},
+    "lr": (lambda v: v > 0, "> 0 (a finite number)"), "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "disc_weight": (lambda v: v >= 0, ">= 0 (a finite number)"),
+}
+
+
+def enhanced_decoder(cfg):
+    """TokenFlow's enhanced pixel decoder, defined relative to the base one: "double both the number
+    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and 4 res
+    blocks per level, the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
+    return replace(cfg, pix_dec_ch=2 * cfg.pix_dec_ch, pix_dec_res_blocks=2 * cfg.pix_dec_res_blocks)
 
 
 def get_args(argv=None):
+    p = parser()
+    return checked(p, p.parse_args(argv))
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
     p.add_argument("--preset", default="toy", help=f"model sizes, one of {sorted(tf.PRESETS)}")
@@ -74,12 +97,14 @@ def get_args(argv=None):
                         "(~/.cache/tokenflow) and checked; a path: a teacher checkpoint or CLIP weights file")
     # data
     p.add_argument("--dataset", default="shapes", choices=DATASETS,
-                   help="'shapes': synthetic, rendered on the fly; 'folder'/'imagenet': DATA_PATH/train/<class>/"
-                        "<image> and DATA_PATH/val/...; 'cifar10': the folders data/cifar10/prepare.py writes")
-    p.add_argument("--data-path", default=None, help="root of a folder dataset (cifar10 default: data/cifar10)")
+                   help="'shapes': synthetic, rendered on the fly; 'fashion-mnist': the IDX files data/fashion_mnist/"
+                        "prepare.py puts in place; 'folder'/'imagenet': DATA_PATH/train/<class>/<image> and "
+                        "DATA_PATH/val/...; 'cifar10': the folders data/cifar10/prepare.py writes")
+    p.add_argument("--data-path", default=None, help="root of a folder dataset, or of the Fashion-MNIST files "
+                   "(default: data/cifar10, data/fashion_mnist)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--token-images", type=int, default=None,
-                   help="images the GPT stage tokenizes (default: 8192 of the endless shapes, all of a folder)")
+                   help="images the GPT stage tokenizes (default: TOKEN_IMAGES in train.py, else all)")
     # optimisation
     p.add_argument("--iters", type=int, default=None, help="optimisation steps of every stage that runs "
                    "(default: per preset and stage, see DEFAULTS in train.py)")
@@ -102,8 +127,8 @@ def get_args(argv=None):
                         "the pixel decoder reads them without training them)")
     p.add_argument("--codebook-size", type=int, default=None, help="K, the entries of each table (default: the "
                    "preset's; toy 512, tokenflow-b 32,768)")
-    p.add_argument("--enhanced-decoder", action="store_true",
-                   help="the official enhanced pixel decoder (channels 256, 4 res blocks per level)")
+    p.add_argument("--enhanced-decoder", action="store_true", help="the enhanced pixel decoder: twice the preset's "
+                   "channels and res blocks per level (tokenflow-b: 256 and 4, the official sizes)")
     p.add_argument("--finetune-decoder", action="store_true",
                    help="with --stage tokenizer: train only the pixel decoder of OUT_DIR/tokenizer.pt (encoders, "
                         "codebooks and semantic decoder frozen) into OUT_DIR/decoder.pt; ids and GPT stay valid")
@@ -121,18 +146,16 @@ def get_args(argv=None):
                    help="autocast dtype of forward passes; weights and optimiser stay fp32; float16 adds a "
                         "gradient scaler (default auto: bfloat16 on a CUDA GPU that has it, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
-    return checked(p, p.parse_args(argv))
+    return p
 
 
 def checked(p, args):
     """Flags that cannot work together stop here with one line (p.error: exit code 2); the rank and
     world size (torchrun's), and the auto device and dtype, are filled in."""
-    for name in ("iters", "num_workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "eval_interval", "eval_images", "lr", "token_images", "grad_accum", "codebook_size"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    check_numbers(p, args, NUMBERS)
+    check_folder(p, "--out-dir", args.out_dir)
+    if args.lpips_weights is not None:
+        check_folder(p, "--lpips-weights", args.lpips_weights)
     if args.preset not in tf.PRESETS:
         p.error(f"unknown preset {args.preset!r}; choose one of {sorted(tf.PRESETS)}")
     if args.teacher == "toy" and (args.preset, "teacher") not in DEFAULTS:
@@ -147,8 +170,6 @@ def checked(p, args):
         args.data_path = resolve_data_path(args.dataset, args.data_path)
     except ValueError as e:
         p.error(str(e))
-    if args.ema is not None and not 0 <= args.ema < 1:
-        p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.finetune_decoder and args.stage != "tokenizer":
         p.error("--finetune-decoder is a tokenizer-stage run: add --stage tokenizer")
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
@@ -157,10 +178,11 @@ def checked(p, args):
         if batch % ranks:
             p.error(f"--batch-size {batch} ({stage}) is global and must divide by world size {args.world_size} x "
                     f"--grad-accum {args.grad_accum} = {ranks}; pick a multiple of {ranks}")
-    if args.token_images is None and args.dataset == "shapes":
-        args.token_images = 8192
+    if args.token_images is None:
+        args.token_images = TOKEN_IMAGES.get(args.dataset)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    check_device(p, args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     return args
@@ -221,11 +243,29 @@ def held_out(args, cfg, batch_size=256):
     return eval_loader(rank_share(dataset(args, cfg.image_size, "val"), args.rank, args.world_size), batch_size)
 
 
+def class_names(args, image_size):
+    """The run's classes: the training split's, which the held-out split, the teacher and the GPT
+    follow; every checkpoint keeps them (sample.py --classes takes names)."""
+    return dataset(args, image_size, "train").classes
+
+
 def teacher_for(args, cfg):
-    """The frozen teacher of --teacher on the device (rank 0 downloads CLIP first)."""
+    """The frozen teacher of --teacher on the device (rank 0 downloads CLIP first); a toy teacher
+    must know the run's classes."""
     with main_first(args):
         path = teacher_path(args.teacher, args.out_dir)
-    return load_teacher(path, cfg, maybe_clip=args.teacher != "toy").to(args.device)
+    classes = class_names(args, cfg.image_size)
+    return load_teacher(path, cfg, maybe_clip=args.teacher != "toy", classes=classes).to(args.device)
+
+
+def report_data(args, image_size):
+    """One line at start-up: the images found in each split (a folder scan drops or adds nothing
+    unsaid), of which an evaluation reads --eval-images held-out ones."""
+    if args.dataset == "shapes":
+        return log(args, f"data: shapes, rendered on the fly, {len(class_names(args, image_size))} classes")
+    train, val = (dataset(args, image_size, split, size=2**62) for split in ("train", "val"))  # 2**62: all of them
+    log(args, f"data: {args.data_path}: {len(train):,} training images in {train.num_classes} classes, "
+              f"{len(val):,} held-out images (each evaluation reads {min(len(val), args.eval_images):,})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +280,7 @@ def train_teacher(args, cfg):
 
     def save_fn(step, state):
         tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
-                           num_classes=teacher.num_classes, args=vars(args), **state)
+                           num_classes=teacher.num_classes, classes=data.classes, args=vars(args), **state)
 
     return train_loop(args, "teacher", teacher, net, list(teacher.parameters()), data,
                       lambda x, y, _: (F.cross_entropy(net(x), y), {}),
@@ -321,7 +361,7 @@ def pixel_losses(args, iters, lr, path):
     gan = GAN(disc, wrap(args, DiscriminatorLoss(disc)), torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),
               args.disc_weight, args.adaptive_disc_weight)  # VQGAN's discriminator betas
     if args.resume and os.path.exists(path) and "disc" in (ckpt := tf.load_checkpoint(path, "tokenizer")):
-        disc.load_state_dict(ckpt["disc"])
+        disc.load_state_dict(tf.matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
         gan.opt.load_state_dict(ckpt["disc_optimizer"])
     return lpips, gan
 
@@ -341,6 +381,7 @@ def train_tokenizer(args, cfg):
         tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
     net, path, hp = wrap(args, tokenizer), os.path.join(args.out_dir, "tokenizer.pt"), stage_hparams(args, "tokenizer")
     lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
+    data = dataset(args, cfg.image_size, "train")
 
     def loss_fn(x, y, step):
         x_rec, sem, stats = net(x)
@@ -351,11 +392,10 @@ def train_tokenizer(args, cfg):
         return loss, {**log, **d_stats, "usage": stats["usage"].item()}
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state,
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
                            **(gan.state() if gan else {}))
 
-    return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()),
-                      dataset(args, cfg.image_size, "train"), loss_fn,
+    return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()), data, loss_fn,
                       lambda: evaluate_tokenizer_stage(args, tokenizer, teacher), save_fn)
 
 
@@ -402,12 +442,13 @@ def finetune_decoder(args, cfg):
                                    last_layer=tokenizer.pix_dec.conv_out.weight)  # the pixel terms only
         return loss, {**log, **d_stats}
 
+    data = dataset(args, cfg.image_size, "train")
+
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, args=vars(args), **state,
+        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
                            **(gan.state() if gan else {}))
 
-    return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()),
-                      dataset(args, cfg.image_size, "train"), loss_fn,
+    return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()), data, loss_fn,
                       lambda: evaluate_tokenizer_stage(args, tokenizer, teacher), save_fn)
 
 
@@ -420,7 +461,8 @@ def token_file(args, tokenizer, split):
     encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
     data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
     meta = {"tokenizer_id": tf.tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
-            "seed": args.seed, "images": len(data), "seq_len": tokenizer.cfg.seq_len, "dtype": args.dtype}
+            "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
+            "dtype": args.dtype}  # (classes: a label is an index into them)
 
     def encode(x):  # (b, 3, H, W) -> ids (b, L) on the CPU
         with torch.no_grad(), autocast_ctx(args.device, args.dtype):
@@ -455,7 +497,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     if diff:
         raise ValueError(f"tokenizer {tokenizer_path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
                          "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
-                         "for this preset first")
+                         f"for this preset first (python train.py --preset {args.preset} --stage tokenizer --out-dir "
+                         f"{shlex.quote(args.out_dir)})")
     tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
     gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tf.tokenizer_id(tokenizer)
@@ -464,14 +507,15 @@ def train_gpt(args, tok_cfg, gpt_cfg):
         raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
                          f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
                          "train the GPT from scratch (drop --resume) or use another --out-dir")
-    gpt_cfg = replace(gpt_cfg, num_classes=dataset(args, tok_cfg.image_size, "val").num_classes)
+    classes = class_names(args, tok_cfg.image_size)  # the training split's, not the held-out one's
+    gpt_cfg = replace(gpt_cfg, num_classes=len(classes))
     torch.manual_seed(args.seed)
     gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
     net = wrap(args, gpt)
 
     def save_fn(step, state):
         tf.save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
-                           tokenizer_id=tid, args=vars(args), **state)
+                           tokenizer_id=tid, classes=classes, args=vars(args), **state)
 
     row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
                      lambda idx, y, _: (gpt_loss(net(idx, y), idx), {}),
@@ -635,12 +679,16 @@ class Checkpoints:
         if diff:
             raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
                              f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
-        self.model.load_state_dict(ckpt["model"])
+        if "optimizer" not in ckpt:
+            raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another "
+                             "--out-dir")
+        self.model.load_state_dict(tf.matching_weights(self.model, ckpt["model"], path))
         self.opt.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
-            self.ema.weights = {k: v.to(args.device) for k, v in ckpt.get("ema", ckpt["model"]).items()}
+            ema = tf.matching_weights(self.model, ckpt.get("ema", ckpt["model"]), f"{path} (EMA)")
+            self.ema.weights = {k: v.to(args.device) for k, v in ema.items()}
         if "rng" in ckpt:  # scale drop, class drop and augmentation continue as if never stopped
             torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and args.device.startswith("cuda"):
@@ -775,24 +823,23 @@ def main(argv=None):
     setup_distributed(args)
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
-    cfg = replace(cfg, **CODEBOOKS[args.codebook], **(ENHANCED_DECODER if args.enhanced_decoder else {}),
-                  codebook_size=args.codebook_size or cfg.codebook_size)
+    cfg = replace(cfg, **CODEBOOKS[args.codebook], codebook_size=args.codebook_size or cfg.codebook_size)
+    cfg = enhanced_decoder(cfg) if args.enhanced_decoder else cfg
     run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
            "decoder": lambda: finetune_decoder(args, cfg),
            "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
     try:
+        report_data(args, cfg.image_size)
         return {stage: run[stage]() for stage in stages(args)}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def cli(argv=None):
+    """The command line: bad input ends in one line and exit code 2, a diverged run (NonFiniteLoss) in 1."""
+    return run_script(main, argv, exit_codes=[(NonFiniteLoss, 1)])
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:  # a run that diverged: exit code 1
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli()

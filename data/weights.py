@@ -6,10 +6,12 @@ the tests or the toy run.
 
 import hashlib
 import os
+import shlex
 import sys
 import urllib.request
 
 import tokenflow as tf
+from data.checks import check_classes
 
 CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
             "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt")  # SHA-256 in the path
@@ -53,9 +55,12 @@ def load_lpips(weights_dir):
     LPIPS heads), each downloaded once if missing and checked."""
     vgg = checked_download(VGG16_URL, os.path.join(weights_dir, "vgg16-397923af.pth"), "sha256", VGG16_SHA256)
     heads = checked_download(LPIPS_URL, os.path.join(weights_dir, "vgg.pth"), "md5", LPIPS_MD5)
-    lpips, vgg, heads = tf.LPIPS(), tf.read_weights(vgg), tf.read_weights(heads)
-    lpips.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
-    lpips.lins.load_state_dict({f"{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5)})
+    lpips, vgg_sd, heads_sd = tf.LPIPS(), tf.read_weights(vgg), tf.read_weights(heads)
+    lpips.features.load_state_dict(tf.matching_weights(
+        lpips.features, {k[len("features."):]: v for k, v in vgg_sd.items() if k.startswith("features.")}, vgg))
+    lpips.lins.load_state_dict(tf.matching_weights(  # (a head missing from the file is named as ours: lins.i)
+        lpips.lins, {f"{i}.weight": heads_sd[f"lin{i}.model.1.weight"] for i in range(5) if f"lin{i}.model.1.weight"
+                     in heads_sd}, heads))
     return lpips.eval()
 
 
@@ -65,12 +70,16 @@ def teacher_path(teacher, out_dir):
         fetch_clip() if teacher == "clip-vit-b16" else teacher)
 
 
-def load_teacher(path, cfg, maybe_clip=True):
+def load_teacher(path, cfg, maybe_clip=True, classes=None):
     """The frozen teacher from a file (our teacher checkpoint, or CLIP weights unless maybe_clip is
-    False), checked against the tokenizer config cfg (ValueError naming the differences)."""
+    False), checked against the tokenizer config cfg and, for a teacher with a class head, against
+    the run's class list (ValueError naming the differences)."""
     if maybe_clip and os.path.isfile(path) and "visual.conv1.weight" in tf.read_weights(path):
         return tf.clip_teacher(path, cfg).eval().requires_grad_(False)
-    teacher, _ = tf.load_model(path, "teacher")
+    teacher, ckpt = tf.load_model(path, "teacher")
+    out_dir = shlex.quote(os.path.dirname(path) or ".")
+    check_classes(ckpt.get("classes"), classes, f"teacher {path}", "train a teacher on this data (python train.py "
+                  f"--stage teacher --out-dir {out_dir}) or give the data it was trained on")
     diff = tf.config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
                                              "vit_quick_gelu", "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
     if diff:

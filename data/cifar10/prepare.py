@@ -54,7 +54,12 @@ def fetch(archive):
     """The archive at `archive`, downloaded first if missing; its MD5 must match."""
     if not os.path.exists(archive):
         print(f"downloading {URL} -> {archive}")
-        urllib.request.urlretrieve(URL, archive + ".part")
+        try:
+            urllib.request.urlretrieve(URL, archive + ".part")
+        except OSError as e:  # no network, a proxy, a moved file, ...
+            raise FileNotFoundError(f"{archive} is missing and its download from {URL} failed ({e}); fetch the file "
+                                    "on a machine with access and give it with --archive PATH (or put it at "
+                                    f"{archive})") from None
         os.replace(archive + ".part", archive)
     if md5(archive) != MD5:
         raise ValueError(f"{archive} has MD5 {md5(archive)}, expected {MD5}: a partial or altered download; "

@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402  (the repo root is on the path only now)
 import train  # noqa: E402
+from data.checks import run_script  # noqa: E402
 
 CODEBOOKS = ["dual", "pixel", "semantic"]
 PROBE_KINDS = ["semantic", "pixel", "both", "teacher"]
@@ -62,12 +63,12 @@ def table(results, large_k):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.path.join("out", "results"), help="everything goes here")
     p.add_argument("--seed", type=int, default=0, help="seeds every stage (train.py --seed)")
     p.add_argument("--eval-only", action="store_true", help="skip training: evaluate the models in OUT_DIR")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     teacher, seed, start = os.path.join(args.out_dir, "teacher.pt"), ["--seed", str(args.seed)], time.time()
     if not args.eval_only:
         train.main(["--stage", "teacher", "--out-dir", args.out_dir, *seed])
@@ -92,11 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train.NonFiniteLoss as e:  # a run that diverged: exit code 1
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, exit_codes=[(train.NonFiniteLoss, 1)])  # bad input: one line, exit code 2
