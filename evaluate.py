@@ -17,8 +17,9 @@ Held-out tokenizer metrics, through encode -> ids -> decode: PSNR and SSIM on [0
 data range 1; codebook usage (the fraction of the K codes the held-out tokens hit) and
 perplexity (the exponential of the entropy of that histogram), overall and per scale; the
 semantic cosine to the teacher; and, with the toy teacher, recon_acc (the teacher's class
-accuracy on the reconstructions) beside teacher_acc (on the images themselves). With gpt.pt it also generates --num-images class-balanced
-samples (default: as many as the held-out images) at cfg 0 and at the default guidance (or
+accuracy on the reconstructions) beside teacher_acc (on the images themselves). With gpt.pt it
+also generates --num-images class-balanced samples (default: as many as the held-out images) at
+cfg 0 and at the default guidance (or
 --cfg). class_acc is the toy teacher's class of each image, and sem_class_acc its class head on
 the semantic features decoded from the same ids. FD-teacher is the Frechet distance between
 mean-pooled teacher features of the samples and of the held-out images; the matrix square root

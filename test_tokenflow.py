@@ -838,7 +838,8 @@ def test_cifar10_prepare_refuses_a_pickle_that_runs_code(tmp_path):
 def write_idx(path, array):
     """array (uint8) -> an IDX file in the official layout, gzipped if path ends in .gz."""
     header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(header + array.tobytes())
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.tobytes())
 
 
 def tiny_fashion_mnist(root, n_train=40, n_test=20, gz=True):
@@ -864,6 +865,11 @@ def test_fashion_mnist_reads_idx_files_pads_to_32_and_keeps_labels(tmp_path):
         assert (x[:, :2] == -1).all() and (x[:, :, -2:] == -1).all()  # 2 black pixels a side
         assert torch.equal(x[0, 2:30, 2:30], torch.from_numpy(arrays["val"][0][13]).float() / 127.5 - 1)
     assert len(data.make_dataset("fashion-mnist", root, "train", 32)) == 40
+    # the reader goes by the bytes, not the name: a gunzipped file still called .gz reads the same
+    os.replace(os.path.join(root, "t10k-images-idx3-ubyte"), os.path.join(root, "t10k-images-idx3-ubyte.gz"))
+    assert torch.equal(data.make_dataset("fashion-mnist", root, "val", 32)[13][0], x)
+    with pytest.raises(ValueError, match="use --preset toy"):
+        data.make_dataset("fashion-mnist", root, "val", 224)
 
 
 def test_fashion_mnist_damaged_or_missing_files_are_refused(tmp_path, capsys):
@@ -880,6 +886,9 @@ def test_fashion_mnist_damaged_or_missing_files_are_refused(tmp_path, capsys):
     write_idx(root / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))  # one label short
     with pytest.raises(ValueError, match="labels; expected"):
         data.make_dataset("fashion-mnist", str(root), "val", 32)
+    write_idx(root / "t10k-labels-idx1-ubyte", np.full(20, 10, np.uint8))  # a label beyond the 10 classes
+    with pytest.raises(ValueError, match="label 10 is not one of the 10 classes"):
+        data.make_dataset("fashion-mnist", str(root), "val", 32)
     tiny_fashion_mnist(str(root / "gz"))
     (root / "gz" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(good)[:-20])  # a cut download
     with pytest.raises(ValueError, match="not a readable IDX file"):
@@ -892,8 +901,8 @@ def test_fashion_mnist_damaged_or_missing_files_are_refused(tmp_path, capsys):
 def test_fashion_mnist_prepare_checks_md5_and_says_both_ways_to_get_the_files(tmp_path, monkeypatch):
     prepare, source, out = load_prepare("fashion_mnist"), str(tmp_path / "src"), str(tmp_path / "out")
     tiny_fashion_mnist(source)
-    monkeypatch.setattr(prepare.urllib.request, "urlretrieve", None)  # no network: a download would fail
-    with pytest.raises(ValueError, match="does not match the published MD5.*apt-get install dataset-fashion-mnist"):
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", None)  # no network: a download would fail
+    with pytest.raises(ValueError, match="does not match the published MD5.*apt-get install --reinstall"):
         prepare.main(["--source", source, "--out", out])  # random images are not Fashion-MNIST
     assert not [f for f in os.listdir(out) if "ubyte" in f]  # nothing unchecked is left behind
 
@@ -901,14 +910,30 @@ def test_fashion_mnist_prepare_checks_md5_and_says_both_ways_to_get_the_files(tm
         return hashlib.md5(gzip.open(os.path.join(source, name + ".gz")).read()).hexdigest()
 
     monkeypatch.setattr(prepare, "MD5", {name: ("0" * 32, content_md5(name)) for name in prepare.MD5})
+    write_idx(os.path.join(out, "t10k-labels-idx1-ubyte"), np.zeros(20, np.uint8))  # a stale other spelling
     prepare.main(["--source", source, "--out", out])
-    assert sorted(os.listdir(out)) == sorted(n + ".gz" for n in prepare.MD5)
+    assert sorted(os.listdir(out)) == sorted(n + ".gz" for n in prepare.MD5)  # the stale file is gone
     assert len(data.make_dataset("fashion-mnist", out, "train", 32)) == 40
+    gz_sums = {name: (hashlib.md5(open(os.path.join(source, name + ".gz"), "rb").read()).hexdigest(), "0" * 32)
+               for name in prepare.MD5}
+    monkeypatch.setattr(prepare, "MD5", gz_sums)  # the official files: the .gz sums match
+    prepare.main(["--source", source, "--out", str(tmp_path / "official")])
+    assert len(os.listdir(tmp_path / "official")) == 4
 
-    def offline(url, path):
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", lambda url, timeout: open(
+        os.path.join(source, url.rsplit("/", 1)[1]), "rb"))  # a network that serves the files
+    prepare.main(["--download", "--out", str(tmp_path / "downloaded")])
+    assert len(os.listdir(tmp_path / "downloaded")) == 4
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", lambda url, timeout: open(
+        os.path.join(source, "train-labels-idx1-ubyte.gz"), "rb"))  # every file served as the labels: wrong sums
+    with pytest.raises(ValueError, match="does not match the published MD5 of train-images"):
+        prepare.main(["--download", "--out", str(tmp_path / "dl")])
+    assert os.listdir(tmp_path / "dl") == []  # the bad download is not kept
+
+    def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(prepare.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
     monkeypatch.setattr(prepare, "DEBIAN", str(tmp_path / "no-debian-package"))  # so the default is to download
     with pytest.raises(ValueError, match="cannot download .*no network.*apt-get install .* --source DIR"):
         prepare.main(["--out", str(tmp_path / "other")])
@@ -926,7 +951,12 @@ def test_fashion_mnist_trains_every_stage_and_samples(tmp_path):
     assert Image.open(sample.main(["--out-dir", out, "--per-class", "2"])).size == (2 * 32 * 3, 10 * 32 * 3)
     assert Image.open(sample.main(["reconstruct", "--out-dir", out])).size == (20 * 32 * 3, 2 * 32 * 3)
     rows = evaluate.main(["--out-dir", out, "--eval-images", "20", "--num-images", "10"])
-    assert rows[0]["teacher_acc"] >= 0 and rows[1]["images"] == 10
+    assert 0 <= rows[0]["teacher_acc"] <= 1 and 0 <= rows[0]["recon_acc"] <= 1 and rows[1]["images"] == 10
+    probes = evaluate.main(["probe", "--out-dir", out, "--eval-images", "20", "--probe-images", "20"])
+    assert all("class_acc" in r and "colour_acc" not in r for r in probes)  # grey: no colour target
+    ids = sample.main(["encode", os.path.join(out, "reconstructions.png"), "--out-dir", out, "--out",
+                       str(tmp_path / "ids.npy")])
+    assert Image.open(sample.main(["decode", ids, "--out-dir", out, "--out", str(tmp_path / "d.png")])).size == (96, 96)
 
 
 def test_grids_keep_the_first_examples_of_each_class():

@@ -38,7 +38,8 @@ def resolve_data_path(name, data_path):
 
 
 def spread(dataset, n):
-    """At most n items spread evenly over a dataset (sorted by class, so every class is in)."""
+    """At most n items spread evenly over a dataset (a folder's list is sorted by class, so every
+    class is in; shuffled files such as Fashion-MNIST's give classes balanced on average)."""
     if n is None or n >= len(dataset):
         return dataset
     subset = torch.utils.data.Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
@@ -57,7 +58,7 @@ def make_dataset(name, data_path, split, image_size, size=None, seed=0, augment=
         return ShapesDataset(size or 1_000_000, image_size, seed, split)
     if name == "fashion-mnist":
         if image_size != 32:
-            raise ValueError(f"fashion-mnist images are 32 px (28 px padded); the preset's are {image_size}: "
+            raise ValueError(f"fashion-mnist images are 32 px (28 px padded), not the model's {image_size}: "
                              "use --preset toy")
         return spread(FashionMNIST(data_path, split), size)
     augment = split == "train" if augment is None else augment

@@ -9,7 +9,9 @@ IDX (http://yann.lecun.com/exdb/mnist/): a big-endian header of two zero bytes, 
 (0x08: uint8), the number of dimensions and one uint32 per dimension, then the data, row-major.
 """
 
+import functools
 import gzip
+import math
 import os
 
 import numpy as np
@@ -33,12 +35,18 @@ def idx_path(root, name):
 
 def read_idx(path, ndim):
     """An IDX file of uint8 with ndim dimensions (gzipped or not) -> numpy array. ValueError naming the
-    file if it is not one (wrong magic number, wrong rank) or is shorter than its header says."""
-    opener = gzip.open if path.endswith(".gz") else open
+    file if it is not one (wrong magic number, wrong rank) or its length is not what its header says.
+    Kept in memory per (path, mtime): every stage builds its datasets again."""
+    return _read_idx(path, ndim, os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_idx(path, ndim, mtime):
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # gzip: a truncated or non-gzip file
+        data = open(path, "rb").read()
+        if data[:2] == b"\x1f\x8b":  # gzip's magic, whatever the file is called
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as e:  # gzip: a truncated or damaged file
         raise ValueError(f"{path}: not a readable IDX file ({e}); run python data/fashion_mnist/prepare.py again") from None
     magic = data[:4]
     if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
@@ -46,7 +54,7 @@ def read_idx(path, ndim):
                          f"00000{800 + ndim}); run python data/fashion_mnist/prepare.py again")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4)) if len(data) >= 4 + 4 * ndim else None
     body = data[4 + 4 * ndim:]
-    if shape is None or len(body) != int(np.prod(shape)):
+    if shape is None or len(body) != math.prod(shape):
         raise ValueError(f"{path}: {len(body)} bytes of data where its header says {shape}: truncated or "
                          "corrupt; run python data/fashion_mnist/prepare.py again")
     return np.frombuffer(body, np.uint8).reshape(shape)
@@ -67,9 +75,9 @@ class FashionMNIST(torch.utils.data.Dataset):
     num_classes = len(CLASSES)
 
     def __init__(self, root, split):
-        if missing_files(root):
-            raise ValueError(f"{root} lacks {', '.join(missing_files(root))} (.gz or not); "
-                             "run python data/fashion_mnist/prepare.py")
+        missing = missing_files(root)
+        if missing:
+            raise ValueError(f"{root} lacks {', '.join(missing)} (.gz or not); run python data/fashion_mnist/prepare.py")
         image_file, label_file = (idx_path(root, n) for n in FILES[split])
         self.images, self.labels = read_idx(image_file, 3), read_idx(label_file, 1)  # (N, 28, 28), (N,)
         if len(self.images) != len(self.labels) or self.images.shape[1:] != (28, 28):
