@@ -27,8 +27,9 @@ def resolve_data_path(name, data_path):
     writes); ValueError if the files are not there."""
     if name in ("cifar10", "fashion-mnist") and data_path is None:
         data_path = os.path.join(ROOT, name.replace("-", "_"))
-    if name == "fashion-mnist" and missing_files(data_path):
-        raise ValueError(f"--dataset fashion-mnist: {data_path} lacks {', '.join(missing_files(data_path))}; "
+    missing = missing_files(data_path) if name == "fashion-mnist" else []
+    if missing:
+        raise ValueError(f"--dataset fashion-mnist: {data_path} lacks {', '.join(missing)}; "
                          "run python data/fashion_mnist/prepare.py (or give --data-path DIR with the four IDX files)")
     if name not in ("shapes", "fashion-mnist") and not os.path.isdir(os.path.join(data_path or "", "train")):
         fix = "run python data/cifar10/prepare.py" if name == "cifar10" else "see data/imagenet/README.md"

@@ -48,7 +48,8 @@ def list_images(root, folder, seen):
     for e in entries:
         if e.is_dir():
             more, more_mtimes = list_images(root, os.path.join(folder, e.name), seen)
-            files, mtimes = files + more, {**mtimes, **more_mtimes}
+            files.extend(more)
+            mtimes.update(more_mtimes)
     return files, mtimes
 
 
@@ -86,8 +87,9 @@ def scan_folder(root, cache_dir, classes=None):
             return classes, cached["files"]
     files, mtimes, seen = [], {".": root_mtime}, {os.path.realpath(root)}
     for c in found:
-        paths, read = list_images(root, c, seen)
-        files, mtimes = files + [[path, classes.index(c)] for path in paths], {**mtimes, **read}
+        paths, read = list_images(root, c, seen)  # (appended in place: ImageNet has 1,000 folders of 1,300 files)
+        files.extend([path, classes.index(c)] for path in paths)
+        mtimes.update(read)
     if not files:
         raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
     os.makedirs(cache_dir, exist_ok=True)
