@@ -190,13 +190,12 @@ def generate_no_cache(gpt, labels, cfg, top_k, top_p, generator):
     of its own tokens. Our baseline."""
     B, S, n = len(labels), len(gpt.scales), gpt.grid
     rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)])
-    inputs, f_hat, start, out = [gpt.class_emb(rows)[:, None]], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
+    class_BD = gpt.class_emb(rows)
+    inputs, f_hat, start, out = [class_BD[:, None]], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
     for si, s in enumerate(gpt.scales):
         end = start + s * s
         x = gpt.embed(torch.cat(inputs, 1), 0)  # (2B, end, D)
-        for block in gpt.blocks:
-            x = block(x, mask=gpt.mask[:end, :end])
-        logits = gpt.head(gpt.ln_f(x)).float()  # a plain forward: logits at every position of the prefix
+        logits = gpt.transformer(x, class_BD, mask=gpt.mask[:end, :end]).float()  # a plain forward over the prefix
         cond, uncond = logits[:, start:end].chunk(2)
         t = cfg * si / max(1, S - 1)
         idx = tf.sample_logits((cond + t * (cond - uncond)).flatten(0, 1), 1.0, top_k, top_p, generator)

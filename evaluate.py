@@ -60,7 +60,7 @@ from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_
 from data.checks import (SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file, check_numbers,
                          check_output_file, parse_refine, run_script)
 from data.folders import class_rows, keep_class_examples, save_grid, to_uint8
-from data.shapes import PALETTE, ShapesDataset
+from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
 from data.weights import load_teacher, teacher_path
 
 SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
@@ -194,6 +194,36 @@ def evaluate_teacher(teacher, loader, device, dtype="float32", reduce=lambda t: 
 
 
 @torch.no_grad()
+def reconstructions(tokenizer, loader, device, dtype="float32"):
+    """Every image of a loader through encode -> ids -> decode -> (images, reconstructions, labels),
+    on the CPU, images in [-1, 1]."""
+    tokenizer.eval()
+    xs, recs, ys = [], [], []
+    for x, y in loader:
+        with autocast_ctx(device, dtype):
+            recs.append(tokenizer.decode(tokenizer.encode(x.to(device))).float().clamp(-1, 1).cpu())
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(recs), torch.cat(ys)
+
+
+@torch.no_grad()
+def evaluate_judge(judge, tokenizer, loader, device, dtype="float32", reduce=lambda t: t):
+    """The judge on held-out images (acc) and on their reconstructions (recon_class_acc: the most a
+    generator can score through this tokenizer's decoder); reduce sums over ranks."""
+    judge.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # right on the images, right on the reconstructions, images
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast_ctx(device, dtype):
+            x_rec = tokenizer.decode(tokenizer.encode(x)).clamp(-1, 1)
+            sums += torch.tensor([(judge(x).argmax(1) == y).sum().item(), (judge(x_rec).argmax(1) == y).sum().item(),
+                                  len(y)], dtype=torch.float64)
+    right, right_rec, n = reduce(sums).tolist()
+    return {"acc": right / n, "recon_class_acc": right_rec / n}
+
+
+@torch.no_grad()
 def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
     """Held-out next-token loss (nats) and token accuracy, overall and per scale, of a GPT on a loader
     of (ids (B, L), labels (B,)); reduce sums over ranks."""
@@ -214,19 +244,37 @@ def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
 
 
 @torch.no_grad()
-def class_accuracy(gpt, tokenizer, teacher, cfg, seed, device, dtype="float32", per_class=10):
-    """per_class samples of every class at guidance cfg -> how often the teacher's class head picks the
-    requested class (1) on the decoded images and (2) on the semantic features decoded from the same
-    ids (the understanding path: do the generated ids carry the class?; None without a semantic half)."""
-    gpt.eval()
-    labels = torch.arange(gpt.cfg.num_classes, device=device).repeat_interleave(per_class)
-    with autocast_ctx(device, dtype):
-        idx = gpt.generate(labels, cfg=cfg, generator=torch.Generator(device).manual_seed(seed))
-        image = (teacher(tokenizer.decode(idx)).argmax(1) == labels).float().mean().item()
-        if tokenizer.sem_dec is None:  # --codebook pixel: no semantic features to read
-            return image, None
-        sem = teacher.head(tokenizer.semantic_features(idx).mean(1)).argmax(1)
-    return image, (sem == labels).float().mean().item()
+def score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype="float32", shapes=False,
+                    **options):
+    """Samples for labels (N,) (generated_batches, options as GPT.generate's) scored -> (row, mean-pooled
+    teacher features (N, T), judge features (N, F) or None). row: class_acc, how often the judge
+    reads the requested class in the image (and class_acc_per_class); teacher_class_acc, the same
+    for the toy teacher; sem_class_acc, the teacher's head on the semantic features decoded from
+    the same ids (do the ids carry the class?); on shapes, colours: colour_coverage of the samples."""
+    right, feats, judged, colours = {}, [], [], []
+    for y, ids, x in generated_batches(gpt, tokenizer, labels, batch_size, seed, device, dtype, **options):
+        f = teacher.features(x).float().mean(1)  # (b, T)
+        feats.append(f.cpu())
+        heads = {}
+        if judge is not None:
+            judged.append(judge.eval().features(x).float().cpu())
+            heads["class_acc"] = judge.head(judged[-1].to(device))
+        if teacher.head is not None:
+            heads["teacher_class_acc"] = teacher.head(f)
+            if tokenizer.sem_dec is not None:
+                heads["sem_class_acc"] = teacher.head(tokenizer.semantic_features(ids).float().mean(1))
+        for name, logits in heads.items():
+            right.setdefault(name, []).append((logits.argmax(1) == y).cpu())
+        if shapes:
+            colours.append(foreground_colours(x.cpu()))
+    right, labels = {k: torch.cat(v).float() for k, v in right.items()}, labels.cpu()
+    row = {k: v.mean().item() for k, v in right.items()}
+    if judge is not None:
+        row["class_acc_per_class"] = [round(right["class_acc"][labels == c].mean().item(), 4)
+                                      for c in labels.unique().tolist()]
+    if shapes:
+        row["colours"] = colour_coverage(torch.cat(colours), labels)
+    return row, torch.cat(feats), torch.cat(judged) if judged else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,17 +291,6 @@ def generated_batches(gpt, tokenizer, labels, batch_size, seed, device, dtype, *
             ids = gpt.generate(y, generator=g, **options)
             x = tokenizer.decode(ids).float()
         yield y, ids, x
-
-
-@torch.no_grad()
-def teacher_features(teacher, dataset, batch_size, device, dtype):
-    """Mean-pooled teacher features (N, T) and labels (N,) of a dataset, in order."""
-    feats, labels = [], []
-    for x, y in eval_loader(dataset, batch_size):
-        with autocast_ctx(device, dtype):
-            feats.append(teacher.features(x.to(device)).float().mean(1).cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -371,12 +408,26 @@ class Run:
         check_classes(ckpt.get("classes"), self.classes, f"GPT {path}", f"give the GPT of {self.tokenizer_path}'s run")
         return gpt.to(self.args.device).eval()
 
+    def judge(self):
+        """OUT_DIR/judge.pt (train.py --stage judge), or None where the run has none."""
+        path = os.path.join(self.args.out_dir, "judge.pt")
+        if not os.path.exists(path):
+            return None
+        judge, ckpt = tf.load_model(path, "judge")
+        check_classes(ckpt.get("classes"), self.classes, f"judge {path}", f"give the judge of {self.tokenizer_path}'s run")
+        return judge.to(self.args.device).eval()
+
+    def sampling(self, cfg):
+        """GPT.generate's options from the flags, at guidance cfg."""
+        a = self.args
+        return dict(cfg=cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    refine=a.refine)
+
     def samples(self, gpt, n, cfg):
         """n class-balanced samples at guidance cfg, in batches -> (labels, ids, images)."""
         a = self.args
         return generated_batches(gpt, self.tokenizer, torch.arange(n) % gpt.cfg.num_classes, a.batch_size, a.seed,
-                                 a.device, a.dtype, cfg=cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
-                                 top_k=a.top_k, top_p=a.top_p, refine=a.refine)
+                                 a.device, a.dtype, **self.sampling(cfg))
 
     def log(self, rows):
         with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
@@ -390,54 +441,54 @@ def print_table(rows, columns):
                          for c in columns))
 
 
-@torch.no_grad()
-def generated_row(run, gpt, teacher, real, cfg):
-    """--num-images samples at guidance cfg -> FD-teacher against the held-out features `real` and,
-    with a toy teacher, class_acc (its head on the image) and sem_class_acc (its head on the semantic
-    features decoded from the same ids)."""
-    n, tokenizer = run.args.num_images or run.args.eval_images, run.tokenizer
-    feats, hits, sem_hits = [], 0, 0
-    for y, ids, x in run.samples(gpt, n, cfg):
-        f = teacher.features(x).float().mean(1)  # (b, T)
-        feats.append(f.cpu())
-        if teacher.head is not None:
-            hits += (teacher.head(f).argmax(1) == y).sum().item()
-            if tokenizer.sem_dec is not None:
-                sem_hits += (teacher.head(tokenizer.semantic_features(ids).float().mean(1)).argmax(1) == y).sum().item()
-    row = {"stage": "eval", "split": "generated", "cfg": cfg, "images": n,
-           "fd_teacher": frechet_distance(torch.cat(feats), real)}
-    if teacher.head is not None:
-        row["class_acc"] = hits / n
-        if tokenizer.sem_dec is not None:
-            row["sem_class_acc"] = sem_hits / n
-    return row
-
-
 def evaluate(run):
-    """The tokenizer on the held-out split (evaluate_tokenizer); then, if OUT_DIR/gpt.pt exists,
-    generated images at cfg 0 and at --cfg (generated_row), with fd_teacher_real: the FD of as many
-    real training images, what a perfect generator scores at this sample size."""
-    a, teacher = run.args, run.teacher()
+    """The tokenizer on the held-out split (evaluate_tokenizer; with OUT_DIR/judge.pt also
+    recon_class_acc); then, if OUT_DIR/gpt.pt exists, --num-images class-balanced samples at cfg 0
+    and at --cfg, scored by score_generated, with FD-teacher and FD-judge against the held-out
+    images and their floors (fd_*_real: as many real training images, what a perfect generator
+    scores at this sample size)."""
+    a, teacher, judge = run.args, run.teacher(), run.judge()
     val = run.data("val", a.eval_images)
     rows = [{"stage": "eval", "split": "val", "tokenizer": run.tokenizer_path,
              **evaluate_tokenizer(run.tokenizer, teacher, eval_loader(val, 128), a.device, a.dtype)}]
     if teacher.head is not None:  # the toy teacher on the real images: what recon_acc compares with
         rows[0]["teacher_acc"] = evaluate_teacher(teacher, eval_loader(val, 128), a.device, a.dtype)["acc"]
+    if judge is not None:
+        rows[0].update({"judge_acc" if k == "acc" else k: v for k, v in
+                        evaluate_judge(judge, run.tokenizer, eval_loader(val, 128), a.device, a.dtype).items()})
     if os.path.exists(os.path.join(a.out_dir, "gpt.pt")):
         gpt, n = run.gpt(), a.num_images or a.eval_images
-        real, _ = teacher_features(teacher, val, a.batch_size, a.device, a.dtype)
-        floor = frechet_distance(teacher_features(teacher, run.data("train", n), a.batch_size, a.device, a.dtype)[0],
-                                 real)
+        real, floor = features_and_floor(run, teacher, judge, val, n)
         for cfg in dict.fromkeys((0.0, a.cfg)):
-            rows.append({**generated_row(run, gpt, teacher, real, cfg), "fd_teacher_real": floor})
+            scores, *fake = score_generated(gpt, run.tokenizer, teacher, judge, torch.arange(n) % gpt.cfg.num_classes,
+                                            a.batch_size, a.seed, a.device, a.dtype,
+                                            shapes=isinstance(val, ShapesDataset), **run.sampling(cfg))
+            fd = {f"fd_{k}": frechet_distance(f, real[k]) for k, f in zip(("teacher", "judge"), fake) if f is not None}
+            rows.append({"stage": "eval", "split": "generated", "cfg": cfg, "images": n, **scores, **fd, **floor})
     else:
         print(f"no {a.out_dir}/gpt.pt: the tokenizer only")
     run.log(rows)
     names = ["held-out"] + [f"generated cfg {row['cfg']:g}" for row in rows[1:]]
-    keys = dict.fromkeys(k for row in rows for k in row if k not in ("stage", "split", "tokenizer", "cfg"))
+    keys = dict.fromkeys(k for row in rows for k in row if k not in ("stage", "split", "tokenizer", "cfg")
+                         and not isinstance(row[k], list))
     print_table([{"metric": k, **{name: row.get(k, "-") for name, row in zip(names, rows)}} for k in keys],
                 ["metric", *names])
     return rows
+
+
+@torch.no_grad()
+def features_and_floor(run, teacher, judge, val, n):
+    """Teacher (and judge) features of the held-out images -> ({"teacher": (N, T), "judge": (N, F)},
+    {"fd_teacher_real": ..., "fd_judge_real": ...}): the FD of n real training images to them."""
+    a, models = run.args, {"teacher": lambda x: teacher.features(x).float().mean(1), "judge": judge and judge.features}
+    feats = {}
+    for split, data in (("val", val), ("train", run.data("train", n))):
+        for k, f in models.items():
+            if f is not None:
+                with autocast_ctx(a.device, a.dtype):
+                    feats[split, k] = torch.cat([f(x.to(a.device)).float().cpu() for x, _ in eval_loader(data, a.batch_size)])
+    real = {k: v for (split, k), v in feats.items() if split == "val"}
+    return real, {f"fd_{k}_real": frechet_distance(feats["train", k], v) for k, v in real.items()}
 
 
 def probe(run):

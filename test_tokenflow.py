@@ -83,7 +83,7 @@ import tokenflow as tf
 import train
 from data import device_batches, fashion_mnist
 from data.folders import FolderDataset, class_rows, keep_class_examples, read_rgb, to_uint8
-from data.shapes import ShapesDataset
+from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -377,8 +377,27 @@ GPT_TINY = tf.GPTConfig(num_classes=3, width=32, depth=2, heads=2)
 
 @pytest.fixture(scope="module")
 def gpt(tiny):
+    """A GPT whose AdaLN projections are random (a new one's are zero), so the invariants below
+    cover the class conditioning of every block as well."""
     torch.manual_seed(1)
-    return tf.GPT(GPT_TINY, tiny).eval()
+    gpt = tf.GPT(GPT_TINY, tiny).eval()
+    for ada in [block.ada for block in gpt.blocks] + [gpt.head_ada]:
+        torch.nn.init.normal_(ada[1].weight, std=0.1)
+    return gpt
+
+
+def test_a_new_adaln_block_is_a_plain_pre_norm_block():
+    """AdaLN's projection starts at zero: the block ignores the condition and computes what a
+    pre-norm block with the same weights does (VAR's blocks start as plain blocks as well)."""
+    torch.manual_seed(0)
+    ada, plain = tf.AdaLNBlock(32, 2), tf.Block(32, 2)
+    plain.attn.load_state_dict(ada.attn.state_dict())
+    plain.mlp.load_state_dict(ada.mlp.state_dict())
+    x, cond = torch.randn(3, 5, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.allclose(ada(x, cond), plain(x), atol=1e-6)
+        torch.nn.init.normal_(ada.ada[1].weight, std=0.1)
+        assert not torch.allclose(ada(x, cond), plain(x), atol=1e-3)  # trained, the condition moves it
 
 
 def scale_bounds(cfg):
@@ -465,7 +484,8 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
     """Uncached reference for multi-step sampling: scale k re-predicted with its first sample fed
     in, i.e. its input is the cumulative feature including first_k; earlier scales as in training."""
     scales, n = gpt.scales, gpt.grid
-    x, f_hat, start = [gpt.class_emb(labels)[:, None]], 0, 0
+    cond = gpt.class_emb(labels)
+    x, f_hat, start = [cond[:, None]], 0, 0
     for si, s in enumerate(scales[:k]):
         f_hat = f_hat + tf.upsample(gpt.scale_codes(idx[:, start:start + s * s], s), n)
         start += s * s
@@ -473,9 +493,7 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
             x.append(gpt.next_input(f_hat, scales[si + 1]))
     x.append(gpt.next_input(f_hat + tf.upsample(gpt.scale_codes(first_k, scales[k]), n), scales[k]))
     x, end = gpt.embed(torch.cat(x, 1), 0), start + scales[k] ** 2
-    for block in gpt.blocks:
-        x = block(x, mask=gpt.mask[:end, :end])
-    return gpt.head(gpt.ln_f(x))[:, start:end]
+    return gpt.transformer(x, cond, mask=gpt.mask[:end, :end])[:, start:end]
 
 
 def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(gpt):
@@ -959,6 +977,51 @@ def test_fashion_mnist_trains_every_stage_and_samples(tmp_path):
     assert Image.open(sample.main(["decode", ids, "--out-dir", out, "--out", str(tmp_path / "d.png")])).size == (96, 96)
 
 
+def test_foreground_colour_is_the_palette_colour_each_shape_was_drawn_with():
+    d = ShapesDataset(512, split="val")
+    p = d.params(range(512))
+    assert torch.equal(foreground_colours(d.render(p)), p["colour"].long())  # every class, size and background
+    grey = torch.full((2, 3, 32, 32), 0.1)
+    grey[1, :, :2, :2] = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)  # 4 red pixels: a shape, just
+    assert foreground_colours(grey).tolist() == [-1, 0]
+
+
+def test_colour_coverage_counts_distinct_colours_per_class():
+    labels = torch.tensor([0] * 8 + [1] * 8 + [2] * 3)
+    colours = torch.tensor([3] * 8 + list(range(8)) + [5, -1, 5])  # one colour; all eight; one, and no shape
+    assert colour_coverage(colours, labels) == (1 + 8 + 1) / 3
+
+
+class BrightestChannel(torch.nn.Module):
+    """A stand-in judge whose class is the brightest colour channel of the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_classes = 3
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+class ChannelShift(torch.nn.Module):
+    """A stand-in tokenizer whose 'reconstruction' rolls the channels of the images in the first half."""
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x):
+        half = len(x) // 2
+        return torch.cat([x[:half].roll(1, dims=1), x[half:]])
+
+
+def test_judge_scores_images_and_reconstructions():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    x = -torch.ones(8, 3, 4, 4)
+    x[torch.arange(8), labels] = 1.0  # class = the bright channel
+    rows = evaluate.evaluate_judge(BrightestChannel(), ChannelShift(), [(x[:4], labels[:4]), (x[4:], labels[4:])], "cpu")
+    assert rows == {"acc": 1.0, "recon_class_acc": 0.5}  # each batch's first half is misread after the shift
+
+
 def test_grids_keep_the_first_examples_of_each_class():
     kept = {}
     keep_class_examples(kept, torch.tensor([2, 2, 2, 0]), torch.arange(4), per_class=2)
@@ -1064,18 +1127,23 @@ def test_bad_sample_and_evaluate_flags_exit_2_with_a_message(script, argv, messa
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """Two steps of each stage through the real script (64 tokenized images for the GPT)."""
+    """Two steps of each stage through the real script (64 tokenized images for the GPT, 256 images
+    for the judge, 4 judged samples per class)."""
     out = str(tmp_path_factory.mktemp("toy") / "out")
-    results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64",
-                          "--eval-images", "128"])  # a smaller held-out split keeps the test fast
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "JUDGE_IMAGES", 256)
+        mp.setattr(train, "JUDGED_SAMPLES", 4)
+        results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64",
+                              "--eval-images", "128"])  # a smaller held-out split keeps the test fast
     return out, results
 
 
 def test_toy_run_smoke(toy_run):
     """Files appear and load back; the tokenizer starts from the teacher; the GPT stage logs its metrics."""
     out, results = toy_run
-    assert set(results) == {"teacher", "tokenizer", "gpt"}
-    for name in ["teacher.pt", "tokenizer.pt", "gpt.pt", "metrics.jsonl", "reconstructions.png", "gpt_samples.png"]:
+    assert set(results) == {"teacher", "tokenizer", "judge", "gpt"}
+    for name in ["teacher.pt", "tokenizer.pt", "judge.pt", "gpt.pt", "metrics.jsonl", "reconstructions.png",
+                 "gpt_samples.png"]:
         assert os.path.exists(os.path.join(out, name)), name
     teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
     tokenizer, ckpt = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
@@ -1091,8 +1159,17 @@ def test_toy_run_smoke(toy_run):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     gpt_val = [r for r in rows if r["stage"] == "gpt" and r["split"] == "val"][-1]
     assert len(gpt_val["acc_per_scale"]) == len(tokenizer.cfg.scales) and 0 <= gpt_val["acc"] <= 1
-    generated = [r for r in rows if r["split"] == "generated"][-1]
-    assert 0 <= generated["class_acc"] <= 1 and 0 <= generated["class_acc_cfg0"] <= 1
+    generated = rows[-1]  # the last row: the judge on the GPT's samples, at the default guidance and at 0
+    assert generated["split"] == "generated" and generated["images"] == 4 * ShapesDataset.num_classes
+    for k in ["recon_class_acc", "class_acc", "class_acc_cfg0", "teacher_class_acc", "sem_class_acc"]:
+        assert 0 <= generated[k] <= 1, k
+    per_class = generated["class_acc_per_class"]
+    assert len(per_class) == ShapesDataset.num_classes and abs(sum(per_class) / 8 - generated["class_acc"]) < 1e-3
+    assert 1 <= generated["colours"] <= 4 and 1 <= generated["colours_cfg0"] <= 4  # 4 samples per class
+    judge, ckpt = tf.load_model(os.path.join(out, "judge.pt"), "judge")
+    assert ckpt["classes"] == ShapesDataset.classes and judge.num_classes == 8
+    judge_val = [r for r in rows if r["stage"] == "judge"][-1]
+    assert 0 <= judge_val["recon_class_acc"] <= 1 and 0 <= judge_val["acc"] <= 1
 
 
 def test_token_file_matches_the_tokenizer_and_is_reused(toy_run):

@@ -241,6 +241,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class AdaLNBlock(nn.Module):
+    """A pre-norm block whose LayerNorms take their scale and shift, and whose two branches their
+    gate, from a condition vector (B, D): VAR's AdaLN conditioning on the class embedding (DiT's
+    adaLN). The condition's projection starts at zero, so a new block is a plain pre-norm block."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.zero_condition()
+
+    def zero_condition(self):
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x_BlD, cond_BD, mask=None, cache=None):
+        gate1, gate2, scale1, scale2, shift1, shift2 = self.ada(cond_BD)[:, None].chunk(6, dim=-1)  # (B, 1, D) each
+        x = x_BlD + (1 + gate1) * self.attn(self.ln(x_BlD) * (1 + scale1) + shift1, mask, cache)
+        return x + (1 + gate2) * self.mlp(self.ln(x) * (1 + scale2) + shift2)
+
+
 def mlp_head(d_in, d_out):
     """Linear-Tanh-Linear, TokenFlow's task layer between a ViT and a code or teacher space."""
     return nn.Sequential(nn.Linear(d_in, d_in), nn.Tanh(), nn.Linear(d_in, d_out))
@@ -578,6 +601,7 @@ class GPTConfig:
     depth: int = 16  # transformer blocks
     heads: int = 16  # attention heads
     class_drop: float = 0.1  # P(label -> null class) per training image, for classifier-free guidance
+    adaln: bool = True  # EXPERIMENT
 
     def __post_init__(self):
         if self.width % self.heads or self.num_classes < 1:
@@ -631,10 +655,19 @@ class GPT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(len(level), D) * 0.02)
         self.level_embed = nn.Embedding(len(scales), D)
         # 2. transformer, 3. head over the K shared ids
-        self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
-        self.ln_f = nn.LayerNorm(D)
+        if cfg.adaln:
+            self.blocks = nn.ModuleList(AdaLNBlock(D, cfg.heads) for _ in range(cfg.depth))
+            self.ln_f = nn.LayerNorm(D, elementwise_affine=False)
+            self.head_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))  # VAR's AdaLN before the head
+        else:
+            self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
+            self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, K)
         init_weights(self)
+        if cfg.adaln:
+            for block in self.blocks:
+                block.zero_condition()  # (init_weights drew them)
+            nn.init.zeros_(self.head_ada[1].weight)
         nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
         nn.init.trunc_normal_(self.level_embed.weight, std=0.02)
 
@@ -673,27 +706,33 @@ class GPT(nn.Module):
             drop = torch.rand(B, device=labels_B.device) < self.cfg.class_drop
             labels_B = torch.where(drop, self.cfg.num_classes, labels_B)
         # 1. inputs: the start token, then for each next scale the sum of the codes so far
-        x, f_hat, start = [self.class_emb(labels_B)[:, None]], 0, 0  # (B, 1, D) for scale 1
+        cond = self.class_emb(labels_B)
+        x, f_hat, start = [cond[:, None]], 0, 0  # (B, 1, D) for scale 1
         for s, s_next in zip(self.scales[:-1], self.scales[1:]):
             f_hat = f_hat + upsample(self.scale_codes(idx_BL[:, start:start + s * s], s), n)  # as the tokenizer
             x.append(self.next_input(f_hat, s_next))
             start += s * s
         x = self.embed(torch.cat(x, dim=1), 0)  # (B, L, D)
-        # 2. block-causal transformer, 3. logits
-        for block in self.blocks:
-            x = block(x, mask=self.mask)
-        return self.head(self.ln_f(x))  # (B, L, K)
+        return self.transformer(x, cond, mask=self.mask)  # 2. block-causal transformer, 3. logits
+
+    def transformer(self, x_BlD, cond_BD, mask=None, caches=None):
+        """Embedded inputs (B, l, D) through the blocks, each conditioned on cond (B, D) by AdaLN and,
+        when sampling, attending to its KV cache too -> logits (B, l, K)."""
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x_BlD = block(x_BlD, cond_BD, mask, cache) if self.cfg.adaln else block(x_BlD, mask, cache)
+        if not self.cfg.adaln:
+            return self.head(self.ln_f(x_BlD))
+        scale, shift = self.head_ada(cond_BD)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        return self.head(self.ln_f(x_BlD) * (1 + scale) + shift)
 
     # -- sampling
 
-    def scale_logits(self, x_BlD, start, caches, t, rerun=False):
+    def scale_logits(self, x_BlD, cond, start, caches, t, rerun=False):
         """One scale's inputs through the blocks, attending to the cache -> logits (B*l, K); the
         batch holds conditional then unconditional rows when t is not None: CFG with weight t."""
-        x = self.embed(x_BlD, start)
-        for block, cache in zip(self.blocks, caches):
+        for cache in caches:
             cache.rerun = rerun
-            x = block(x, cache=cache)
-        logits = self.head(self.ln_f(x)).float()  # (B or 2B, l, K)
+        logits = self.transformer(self.embed(x_BlD, start), cond, caches=caches).float()  # (B or 2B, l, K)
         if t is not None:
             cond, uncond = logits.chunk(2)
             logits = cond + t * (cond - uncond)  # CFG (Ho & Salimans 2022): (1 + t) c - t u, without inf - inf
@@ -723,14 +762,15 @@ class GPT(nn.Module):
         rows = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
         double = (lambda x: x.repeat(2, 1, 1)) if guided else (lambda x: x)  # same inputs for both halves
         caches = [KVCache() for _ in self.blocks]
-        x, f_hat, start, out = self.class_emb(rows)[:, None], self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
+        cond = self.class_emb(rows)
+        x, f_hat, start, out = cond[:, None], self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
         for si, s in enumerate(self.scales):
             t = (cfg * si / max(1, S - 1) if cfg_schedule == "linear" else cfg) if guided else None
-            idx_Bl = sample_logits(self.scale_logits(x, start, caches, t), temperature, top_k, top_p,
+            idx_Bl = sample_logits(self.scale_logits(x, cond, start, caches, t), temperature, top_k, top_p,
                                    generator).view(B, s * s)
             for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
                 x_r = double(self.next_input(f_hat + upsample(self.scale_codes(idx_Bl, s), n), s))
-                logits = self.scale_logits(x_r, start, caches, t, rerun=True)
+                logits = self.scale_logits(x_r, cond, start, caches, t, rerun=True)
                 idx_Bl = sample_logits(logits, temperature, k_r, p_r, generator).view(B, s * s)
             f_hat = f_hat + upsample(self.scale_codes(idx_Bl, s), n)
             out.append(idx_Bl)
@@ -738,6 +778,35 @@ class GPT(nn.Module):
             if si + 1 < S:
                 x = double(self.next_input(f_hat, self.scales[si + 1]))
         return torch.cat(out, dim=1)  # (B, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge: the classifier that scores generated images on a labelled toy dataset
+
+
+class Judge(nn.Module):
+    """A small VGG-style CNN (3x3 conv, BatchNorm, ReLU; three 2x max-pools; global average pool;
+    linear). The toy teacher misreads about half of the tokenizer's reconstructions of held-out
+    shapes, which a person reads at a glance, so a generator cannot be scored through it; train.py
+    --stage judge trains this one on training images and their reconstructions, so that it reads
+    what the decoder can draw. Images (B, 3, H, W) in [-1, 1] -> logits (B, num_classes);
+    features() -> the pooled (B, 4 * width) vector that FD-judge compares."""
+
+    def __init__(self, num_classes, width=16):
+        super().__init__()
+        self.num_classes = num_classes
+        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        w = width
+        self.body = nn.Sequential(*conv(3, w), *conv(w, w), nn.MaxPool2d(2), *conv(w, 2 * w), *conv(2 * w, 2 * w),
+                                  nn.MaxPool2d(2), *conv(2 * w, 4 * w), nn.MaxPool2d(2), *conv(4 * w, 4 * w),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def features(self, x_B3HW):
+        return self.body(x_B3HW)  # (B, 4 * width)
+
+    def forward(self, x_B3HW):
+        return self.head(self.body(x_B3HW))  # (B, num_classes) logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,7 +1016,8 @@ def save_checkpoint(path, kind, config, model, step=0, **extra):
     os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
 
 
-MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "gpt.pt": "--stage gpt",
+MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "judge.pt": "--stage judge",
+           "gpt.pt": "--stage gpt",
            "decoder.pt": "--stage tokenizer --finetune-decoder --enhanced-decoder"}  # train.py's files and flags
 
 
@@ -956,13 +1026,14 @@ def missing_file_hint(path, kind):
     out_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
     if name in MADE_BY:
         return f"train it first: python train.py {MADE_BY[name]} --out-dir {shlex.quote(out_dir)}"
-    if kind in ("teacher", "tokenizer", "gpt"):
+    if kind in ("teacher", "tokenizer", "judge", "gpt"):
         return f"check the path (python train.py --stage {kind} --out-dir DIR writes DIR/{kind}.pt)"
     return "check the path"
 
 
 def load_checkpoint(path, kind=None):
-    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer', 'gpt'), check it."""
+    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer', 'judge', 'gpt'),
+    check it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1017,7 +1088,7 @@ def tokenizer_id(tokenizer):
 
 
 def load_model(path, kind, tokenizer=None):
-    """Rebuild a 'teacher', 'tokenizer' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
+    """Rebuild a 'teacher', 'tokenizer', 'judge' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
     with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
     whose codebook size and scales must match."""
     ckpt = load_checkpoint(path, kind)
@@ -1035,7 +1106,8 @@ def load_model(path, kind, tokenizer=None):
         model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])
-        model = Teacher(cfg, ckpt["num_classes"]) if kind == "teacher" else TokenFlow(cfg)
+        model = {"teacher": lambda: Teacher(cfg, ckpt["num_classes"]), "judge": lambda: Judge(ckpt["num_classes"]),
+                 "tokenizer": lambda: TokenFlow(cfg)}[kind]()
     model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
     return model, ckpt
 

@@ -32,11 +32,11 @@ from tqdm import tqdm
 import tokenflow as tf
 from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
                   resolve_data_path)
-from data.checks import SEED, check_device, check_folder, check_numbers, run_script
+from data.checks import SEED, check_classes, check_device, check_folder, check_numbers, run_script
 from data.folders import save_grid
 from data.weights import load_lpips, load_teacher, teacher_path
-from evaluate import (DEFAULT_CFG, autocast_ctx, class_accuracy, evaluate_gpt, evaluate_teacher,
-                      evaluate_tokenizer)
+from evaluate import (DEFAULT_CFG, autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
+                      reconstructions, score_generated)
 
 # ---------------------------------------------------------------------------------------------
 # Per-stage defaults, used where the command line leaves a value unset
@@ -45,6 +45,7 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("toy", "teacher"): dict(iters=1000, batch_size=64, lr=1e-3, ema=0),
     ("toy", "tokenizer"): dict(iters=540, batch_size=16, lr=1e-3, ema=0),
     ("toy", "decoder"): dict(iters=300, batch_size=16, lr=1e-3, ema=0),
+    ("toy", "judge"): dict(iters=300, batch_size=128, lr=2e-3, ema=0),
     ("toy", "gpt"): dict(iters=500, batch_size=64, lr=3e-3, ema=0),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4, ema=0.9999),
@@ -61,6 +62,8 @@ DATASET_DEFAULTS = {  # (dataset, stage) -> changes to the toy preset's DEFAULTS
 # images the GPT stage tokenizes (default: all of a dataset): the shapes are endless; 60,000
 # Fashion-MNIST images take 2.4 min on 2 cores, and 500 steps x 64 see 32,000
 TOKEN_IMAGES = {"shapes": 8192, "fashion-mnist": 16384}
+JUDGE_IMAGES = 2048  # training images the judge sees, each as itself and as its reconstruction
+JUDGED_SAMPLES = 64  # generated images per class that the GPT stage's last row scores
 CODEBOOKS = {"dual": {}, "pixel": dict(sem_dim=0), "semantic": dict(pix_dim=0)}  # --codebook: a half of width 0 is absent
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
 NUMBERS = {  # what each numeric flag must be, checked when the command line is parsed
@@ -89,8 +92,8 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to train
     p.add_argument("--preset", default="toy", help=f"model sizes, one of {sorted(tf.PRESETS)}")
-    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer", "gpt"],
-                   help="which stage to run; 'all' runs teacher, tokenizer, then GPT")
+    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer", "judge", "gpt"],
+                   help="which stage to run; 'all' runs teacher, tokenizer, judge (toy preset), then GPT")
     p.add_argument("--teacher", default="toy",
                    help="'toy': the teacher stage trains OUT_DIR/teacher.pt and the tokenizer stage reads it; "
                         "'clip-vit-b16': OpenAI CLIP ViT-B/16, downloaded once into $TOKENFLOW_CACHE "
@@ -170,6 +173,8 @@ def checked(p, args):
         args.data_path = resolve_data_path(args.dataset, args.data_path)
     except ValueError as e:
         p.error(str(e))
+    if args.stage == "judge" and (args.preset, "judge") not in DEFAULTS:
+        p.error(f"preset {args.preset!r} has no judge stage: the judge is a toy-preset classifier; use --preset toy")
     if args.finetune_decoder and args.stage != "tokenizer":
         p.error("--finetune-decoder is a tokenizer-stage run: add --stage tokenizer")
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
@@ -196,8 +201,8 @@ def stages(args):
     """The stages this run trains, in order."""
     if args.finetune_decoder:
         return ["decoder"]
-    return [s for s in ("teacher", "tokenizer", "gpt") if args.stage in ("all", s)
-            and not (s == "teacher" and args.teacher != "toy")]
+    return [s for s in ("teacher", "tokenizer", "judge", "gpt") if args.stage in ("all", s)
+            and not (s == "teacher" and args.teacher != "toy") and (args.preset, s) in DEFAULTS]
 
 
 def stage_hparams(args, stage):
@@ -453,7 +458,56 @@ def finetune_decoder(args, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 3: the next-scale GPT, on the tokenizer's ids (tokenized once into OUT_DIR/tokens/)
+# Stage 3 (toy preset): the judge, a small CNN that scores generated images (tf.Judge)
+
+
+def trained_tokenizer(args, cfg):
+    """OUT_DIR/tokenizer.pt, frozen on the device, checked against the preset's config cfg."""
+    path = os.path.join(args.out_dir, "tokenizer.pt")
+    tokenizer, _ = tf.load_model(path, "tokenizer")
+    diff = tf.config_diff(tokenizer.cfg, cfg)
+    if diff:
+        raise ValueError(f"tokenizer {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
+                         "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
+                         f"for this preset first (python train.py --preset {args.preset} --stage tokenizer --out-dir "
+                         f"{shlex.quote(args.out_dir)})")
+    return tokenizer.to(args.device).eval().requires_grad_(False)
+
+
+def train_judge(args, cfg):
+    """JUDGE_IMAGES training images and the tokenizer's reconstructions of them, both labelled with the
+    image's class -> OUT_DIR/judge.pt. Trained on what the decoder draws, it can score the GPT's
+    images; held-out, it reports recon_class_acc (the ceiling a generator can reach through this
+    decoder) and acc (on the real images)."""
+    tokenizer = trained_tokenizer(args, cfg)
+    data = dataset(args, cfg.image_size, "train", size=JUDGE_IMAGES, augment=False)
+    x, x_rec, y = reconstructions(tokenizer, eval_loader(data, 256), args.device, args.dtype)
+    torch.manual_seed(args.seed)
+    judge = tf.Judge(data.num_classes).to(args.device)
+    net = wrap(args, judge)
+
+    def save_fn(step, state):
+        tf.save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step,
+                           num_classes=judge.num_classes, classes=data.classes, args=vars(args), **state)
+
+    pairs = torch.utils.data.TensorDataset(torch.cat([x, x_rec]), torch.cat([y, y]))
+    return train_loop(args, "judge", judge, net, list(judge.parameters()), pairs,
+                      lambda x, y, _: (F.cross_entropy(net(x), y), {}),
+                      lambda: evaluate_judge(judge, tokenizer, held_out(args, cfg), args.device, args.dtype, all_sum),
+                      save_fn, weight_decay=0.05)
+
+
+def trained_judge(args, classes):
+    """OUT_DIR/judge.pt on the device, checked against the run's classes."""
+    path = os.path.join(args.out_dir, "judge.pt")
+    judge, ckpt = tf.load_model(path, "judge")
+    check_classes(ckpt.get("classes"), classes, f"judge {path}", "train the judge on this data (python train.py "
+                  f"--stage judge --out-dir {shlex.quote(args.out_dir)})")
+    return judge.to(args.device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: the next-scale GPT, on the tokenizer's ids (tokenized once into OUT_DIR/tokens/)
 
 
 def token_file(args, tokenizer, split):
@@ -491,15 +545,7 @@ def evaluate_gpt_stage(args, gpt, tokenizer, val):
 
 
 def train_gpt(args, tok_cfg, gpt_cfg):
-    tokenizer_path = os.path.join(args.out_dir, "tokenizer.pt")
-    tokenizer, _ = tf.load_model(tokenizer_path, "tokenizer")
-    diff = tf.config_diff(tokenizer.cfg, tok_cfg)
-    if diff:
-        raise ValueError(f"tokenizer {tokenizer_path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
-                         "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
-                         f"for this preset first (python train.py --preset {args.preset} --stage tokenizer --out-dir "
-                         f"{shlex.quote(args.out_dir)})")
-    tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
+    tokenizer_path, tokenizer = os.path.join(args.out_dir, "tokenizer.pt"), trained_tokenizer(args, tok_cfg)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
     gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tf.tokenizer_id(tokenizer)
     trained_on = tf.load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
@@ -509,6 +555,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
                          "train the GPT from scratch (drop --resume) or use another --out-dir")
     classes = class_names(args, tok_cfg.image_size)  # the training split's, not the held-out one's
     gpt_cfg = replace(gpt_cfg, num_classes=len(classes))
+    judge = trained_judge(args, classes) if (args.preset, "judge") in DEFAULTS else None  # fails before training
+    labels = torch.arange(len(classes), device=args.device).repeat_interleave(JUDGED_SAMPLES)
     torch.manual_seed(args.seed)
     gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
     net = wrap(args, gpt)
@@ -520,12 +568,18 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
                      lambda idx, y, _: (gpt_loss(net(idx, y), idx), {}),
                      lambda: evaluate_gpt_stage(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
-    teacher = teacher_for(args, tok_cfg)
-    if teacher.head is not None and is_main(args):  # the toy teacher can classify what the GPT generates
-        (acc, sem_acc), (acc0, sem_acc0) = (class_accuracy(gpt, tokenizer, teacher, c, args.seed, args.device, args.dtype)
-                                              for c in (DEFAULT_CFG, 0))
-        row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG, "class_acc": acc,
-               "class_acc_cfg0": acc0, "sem_class_acc": sem_acc, "sem_class_acc_cfg0": sem_acc0}
+    if judge is None:
+        return row
+    recon = evaluate_judge(judge, tokenizer, held_out(args, tok_cfg), args.device, args.dtype, all_sum)
+    if is_main(args):  # the last row: how the samples read, at the default guidance and at 0
+        teacher = teacher_for(args, tok_cfg)
+        row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG, "images": len(labels),
+               "recon_class_acc": recon["recon_class_acc"]}
+        for cfg in (DEFAULT_CFG, 0.0):
+            scores, _, _ = score_generated(gpt, tokenizer, teacher, judge, labels, 256, args.seed, args.device,
+                                           args.dtype, shapes=args.dataset == "shapes", cfg=cfg)
+            row.update({k if cfg == DEFAULT_CFG else f"{k}_cfg0": v for k, v in scores.items()
+                        if cfg == DEFAULT_CFG or k != "class_acc_per_class"})
         log_metrics(args, row)
     return row
 
@@ -826,7 +880,7 @@ def main(argv=None):
     cfg = replace(cfg, **CODEBOOKS[args.codebook], codebook_size=args.codebook_size or cfg.codebook_size)
     cfg = enhanced_decoder(cfg) if args.enhanced_decoder else cfg
     run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
-           "decoder": lambda: finetune_decoder(args, cfg),
+           "decoder": lambda: finetune_decoder(args, cfg), "judge": lambda: train_judge(args, cfg),
            "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
     try:
         report_data(args, cfg.image_size)
