@@ -986,6 +986,16 @@ def test_foreground_colour_is_the_palette_colour_each_shape_was_drawn_with():
     assert foreground_colours(grey).tolist() == [-1, 0]
 
 
+def test_blobs_keep_each_images_colour_and_place_and_change_nothing_else():
+    d = ShapesDataset(64, split="train")
+    x = torch.stack([image for image, _ in d.__getitems__(range(8))])
+    blobs = d.blobs(range(8))
+    assert torch.equal(blobs, d.blobs(range(8)))  # deterministic
+    assert torch.equal(foreground_colours(blobs), d.params(range(8))["colour"].long())
+    assert torch.equal(x, torch.stack([image for image, _ in d.__getitems__(range(8))]))  # the classes' draws stay
+    assert not torch.allclose(blobs, x, atol=0.1)  # another shape on the same background
+
+
 def test_colour_coverage_counts_distinct_colours_per_class():
     labels = torch.tensor([0] * 8 + [1] * 8 + [2] * 3)
     colours = torch.tensor([3] * 8 + list(range(8)) + [5, -1, 5])  # one colour; all eight; one, and no shape
@@ -1167,7 +1177,7 @@ def test_toy_run_smoke(toy_run):
     assert len(per_class) == ShapesDataset.num_classes and abs(sum(per_class) / 8 - generated["class_acc"]) < 1e-3
     assert 1 <= generated["colours"] <= 4 and 1 <= generated["colours_cfg0"] <= 4  # 4 samples per class
     judge, ckpt = tf.load_model(os.path.join(out, "judge.pt"), "judge")
-    assert ckpt["classes"] == ShapesDataset.classes and judge.num_classes == 8
+    assert ckpt["classes"] == ShapesDataset.classes and judge.num_classes == 8 and judge.none_class  # + blobs
     judge_val = [r for r in rows if r["stage"] == "judge"][-1]
     assert 0 <= judge_val["recon_class_acc"] <= 1 and 0 <= judge_val["acc"] <= 1
 

@@ -601,7 +601,6 @@ class GPTConfig:
     depth: int = 16  # transformer blocks
     heads: int = 16  # attention heads
     class_drop: float = 0.1  # P(label -> null class) per training image, for classifier-free guidance
-    adaln: bool = True  # EXPERIMENT
 
     def __post_init__(self):
         if self.width % self.heads or self.num_classes < 1:
@@ -635,7 +634,8 @@ def sample_logits(logits_NK, temperature=1.0, top_k=0, top_p=0.0, generator=None
 class GPT(nn.Module):
     """Class-conditional next-scale prediction (VAR, Sec. 3) over a tokenizer's shared ids.
     The tokens of scale k read the cumulative quantized feature after scale k-1 (scale 1 reads the
-    class embedding) and all of them are predicted at once; scale k attends to scales <= k.
+    class embedding) and all of them are predicted at once; scale k attends to scales <= k. The
+    class embedding also conditions every block and the norm before the head by AdaLN, as VAR does.
     Built from a trained tokenizer, whose unit codes it keeps as a frozen, unsaved buffer."""
 
     def __init__(self, cfg, tokenizer):
@@ -655,19 +655,14 @@ class GPT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(len(level), D) * 0.02)
         self.level_embed = nn.Embedding(len(scales), D)
         # 2. transformer, 3. head over the K shared ids
-        if cfg.adaln:
-            self.blocks = nn.ModuleList(AdaLNBlock(D, cfg.heads) for _ in range(cfg.depth))
-            self.ln_f = nn.LayerNorm(D, elementwise_affine=False)
-            self.head_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))  # VAR's AdaLN before the head
-        else:
-            self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
-            self.ln_f = nn.LayerNorm(D)
+        self.blocks = nn.ModuleList(AdaLNBlock(D, cfg.heads) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(D, elementwise_affine=False)
+        self.head_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))  # VAR's AdaLN before the head
         self.head = nn.Linear(D, K)
         init_weights(self)
-        if cfg.adaln:
-            for block in self.blocks:
-                block.zero_condition()  # (init_weights drew them)
-            nn.init.zeros_(self.head_ada[1].weight)
+        for block in self.blocks:
+            block.zero_condition()  # (init_weights drew them)
+        nn.init.zeros_(self.head_ada[1].weight)
         nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
         nn.init.trunc_normal_(self.level_embed.weight, std=0.02)
 
@@ -719,9 +714,7 @@ class GPT(nn.Module):
         """Embedded inputs (B, l, D) through the blocks, each conditioned on cond (B, D) by AdaLN and,
         when sampling, attending to its KV cache too -> logits (B, l, K)."""
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
-            x_BlD = block(x_BlD, cond_BD, mask, cache) if self.cfg.adaln else block(x_BlD, mask, cache)
-        if not self.cfg.adaln:
-            return self.head(self.ln_f(x_BlD))
+            x_BlD = block(x_BlD, cond_BD, mask, cache)
         scale, shift = self.head_ada(cond_BD)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         return self.head(self.ln_f(x_BlD) * (1 + scale) + shift)
 
@@ -789,24 +782,26 @@ class Judge(nn.Module):
     linear). The toy teacher misreads about half of the tokenizer's reconstructions of held-out
     shapes, which a person reads at a glance, so a generator cannot be scored through it; train.py
     --stage judge trains this one on training images and their reconstructions, so that it reads
-    what the decoder can draw. Images (B, 3, H, W) in [-1, 1] -> logits (B, num_classes);
-    features() -> the pooled (B, 4 * width) vector that FD-judge compares."""
+    what the decoder can draw. none_class adds an output for "none of the classes" (trained on
+    shapes' blobs), so that an amorphous sample is not read as the nearest class. Images (B, 3, H, W)
+    in [-1, 1] -> logits (B, num_classes + none_class); features() -> the pooled (B, 4 * width)
+    vector that FD-judge compares."""
 
-    def __init__(self, num_classes, width=16):
+    def __init__(self, num_classes, none_class=False, width=16):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.none_class = num_classes, none_class
         conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
         w = width
         self.body = nn.Sequential(*conv(3, w), *conv(w, w), nn.MaxPool2d(2), *conv(w, 2 * w), *conv(2 * w, 2 * w),
                                   nn.MaxPool2d(2), *conv(2 * w, 4 * w), nn.MaxPool2d(2), *conv(4 * w, 4 * w),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * w, num_classes)
+        self.head = nn.Linear(4 * w, num_classes + none_class)
 
     def features(self, x_B3HW):
         return self.body(x_B3HW)  # (B, 4 * width)
 
     def forward(self, x_B3HW):
-        return self.head(self.body(x_B3HW))  # (B, num_classes) logits
+        return self.head(self.body(x_B3HW))  # (B, num_classes + none_class) logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1106,7 +1101,7 @@ def load_model(path, kind, tokenizer=None):
         model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])
-        model = {"teacher": lambda: Teacher(cfg, ckpt["num_classes"]), "judge": lambda: Judge(ckpt["num_classes"]),
+        model = {"teacher": lambda: Teacher(cfg, ckpt["num_classes"]), "judge": lambda: Judge(ckpt["num_classes"], ckpt["none_class"]),
                  "tokenizer": lambda: TokenFlow(cfg)}[kind]()
     model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
     return model, ckpt

@@ -34,6 +34,7 @@ from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches,
                   resolve_data_path)
 from data.checks import SEED, check_classes, check_device, check_folder, check_numbers, run_script
 from data.folders import save_grid
+from data.shapes import ShapesDataset
 from data.weights import load_lpips, load_teacher, teacher_path
 from evaluate import (DEFAULT_CFG, autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
                       reconstructions, score_generated)
@@ -475,20 +476,26 @@ def trained_tokenizer(args, cfg):
 
 
 def train_judge(args, cfg):
-    """JUDGE_IMAGES training images and the tokenizer's reconstructions of them, both labelled with the
-    image's class -> OUT_DIR/judge.pt. Trained on what the decoder draws, it can score the GPT's
-    images; held-out, it reports recon_class_acc (the ceiling a generator can reach through this
-    decoder) and acc (on the real images)."""
+    """JUDGE_IMAGES training images and the tokenizer's reconstructions of them, each labelled with
+    the image's class -> OUT_DIR/judge.pt. On shapes, as many blobs again (ShapesDataset.blobs), also
+    reconstructed, labelled "none of the classes". Trained on what the decoder draws, the judge can
+    score the GPT's images; held-out, it reports recon_class_acc (the ceiling a generator can reach
+    through this decoder) and acc (on the real images)."""
     tokenizer = trained_tokenizer(args, cfg)
     data = dataset(args, cfg.image_size, "train", size=JUDGE_IMAGES, augment=False)
     x, x_rec, y = reconstructions(tokenizer, eval_loader(data, 256), args.device, args.dtype)
+    none_class = isinstance(data, ShapesDataset)
+    if none_class:
+        blobs = list(zip(data.blobs(range(JUDGE_IMAGES // 2)), torch.full((JUDGE_IMAGES // 2,), data.num_classes)))
+        b, b_rec, b_y = reconstructions(tokenizer, eval_loader(blobs, 256), args.device, args.dtype)
+        x, x_rec, y = torch.cat([x, b]), torch.cat([x_rec, b_rec]), torch.cat([y, b_y])
     torch.manual_seed(args.seed)
-    judge = tf.Judge(data.num_classes).to(args.device)
+    judge = tf.Judge(data.num_classes, none_class).to(args.device)
     net = wrap(args, judge)
 
     def save_fn(step, state):
-        tf.save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step,
-                           num_classes=judge.num_classes, classes=data.classes, args=vars(args), **state)
+        tf.save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
+                           num_classes=judge.num_classes, none_class=none_class, args=vars(args), **state)
 
     pairs = torch.utils.data.TensorDataset(torch.cat([x, x_rec]), torch.cat([y, y]))
     return train_loop(args, "judge", judge, net, list(judge.parameters()), pairs,

@@ -46,6 +46,14 @@ def shape_sdf(cls, u, v):
     return all_sdf.gather(1, cls.view(-1, 1, 1, 1).expand(-1, 1, *u.shape[1:])).squeeze(1)
 
 
+def blob_sdf(u, v, wobble):
+    """Signed distance (approximate, radius units) of a blob: a disk whose radius is 1 + a2 cos(2 theta
+    + p2) + a3 cos(3 theta + p3), with wobble (B, 4) = (a2, a3, p2, p3) -> (B, H, W)."""
+    r, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+    a2, a3, p2, p3 = (w.view(-1, 1, 1) for w in wobble.unbind(1))
+    return (r - (1 + a2 * torch.cos(2 * theta + p2) + a3 * torch.cos(3 * theta + p3))) * 0.7
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """size images, each drawn from its own RNG keyed by (seed, split, index): deterministic, and the
     'val' split never repeats a 'train' image. Items are (image (3, S, S) in [-1, 1], class)."""
@@ -86,10 +94,21 @@ class ShapesDataset(torch.utils.data.Dataset):
         # 2. foreground: rotate/scale pixel coordinates into the shape's frame, anti-aliased edge
         dx, dy = xx - p["centre"][:, 0].view(B, 1, 1), yy - p["centre"][:, 1].view(B, 1, 1)
         c, s, rad = torch.cos(p["angle"]).view(B, 1, 1), torch.sin(p["angle"]).view(B, 1, 1), p["radius"].view(B, 1, 1)
-        sdf = shape_sdf(p["cls"].long(), (c * dx + s * dy) / rad, (-s * dx + c * dy) / rad)
+        u, v = (c * dx + s * dy) / rad, (-s * dx + c * dy) / rad
+        sdf = blob_sdf(u, v, p["wobble"]) if "wobble" in p else shape_sdf(p["cls"].long(), u, v)
         alpha = (0.5 - sdf * rad * S).clamp(0, 1).unsqueeze(1)  # distance in pixels -> coverage
         fg = (torch.from_numpy(PALETTE)[p["colour"].long()] + p["jitter"]).view(B, 3, 1, 1)
         return ((alpha * fg + (1 - alpha) * bg).clamp(0, 1) * 2 - 1)
+
+    def blobs(self, indices):
+        """Image i's colour, size, place and background around a blob that is none of the classes:
+        a disk whose radius wobbles with harmonics 2 and 3 of the angle, drawn from its own RNG, so
+        the classes' images stay as they are -> images (B, 3, S, S). They teach the judge to say
+        "no shape" where a weak generator draws an amorphous potato (issue 14)."""
+        p = self.params(indices)
+        wobble = [np.random.default_rng([self.seed, {"train": 0, "val": 1}[self.split], int(i), 1]).uniform(
+            [0.15, 0.15, 0, 0], [0.3, 0.3, 2 * math.pi, 2 * math.pi]) for i in indices]
+        return self.render({**p, "wobble": torch.tensor(np.stack(wobble), dtype=torch.float32)})
 
     def __getitems__(self, indices):  # the DataLoader renders a whole batch in one call
         p = self.params(indices)
