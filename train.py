@@ -578,8 +578,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     if judge is None:
         return row
     recon = evaluate_judge(judge, tokenizer, held_out(args, tok_cfg), args.device, args.dtype, all_sum)
+    teacher = teacher_for(args, tok_cfg)  # (every rank: it waits for rank 0)
     if is_main(args):  # the last row: how the samples read, at the default guidance and at 0
-        teacher = teacher_for(args, tok_cfg)
         row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG, "images": len(labels),
                "recon_class_acc": recon["recon_class_acc"]}
         for cfg in (DEFAULT_CFG, 0.0):
