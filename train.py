@@ -47,7 +47,7 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("toy", "tokenizer"): dict(iters=540, batch_size=16, lr=1e-3, ema=0),
     ("toy", "decoder"): dict(iters=300, batch_size=16, lr=1e-3, ema=0),
     ("toy", "judge"): dict(iters=300, batch_size=128, lr=2e-3, ema=0),
-    ("toy", "gpt"): dict(iters=500, batch_size=64, lr=3e-3, ema=0),
+    ("toy", "gpt"): dict(iters=1600, batch_size=16, lr=3e-3, ema=0),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4, ema=0.9999),
     # the enhanced-decoder finetune: the paper gives no schedule; half the tokenizer's is our choice
