@@ -1137,11 +1137,11 @@ def test_bad_sample_and_evaluate_flags_exit_2_with_a_message(script, argv, messa
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """Two steps of each stage through the real script (64 tokenized images for the GPT, 256 images
-    for the judge, 4 judged samples per class)."""
+    """Two steps of each stage through the real script (64 tokenized images for the GPT and the judge,
+    4 judged samples per class)."""
     out = str(tmp_path_factory.mktemp("toy") / "out")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "JUDGE_IMAGES", 256)
+        mp.setattr(train, "JUDGE", {"shapes": dict(images=256, width=8)})
         mp.setattr(train, "JUDGED_SAMPLES", 4)
         results = train.main(["--iters", "2", "--out-dir", out, "--eval-interval", "1", "--token-images", "64",
                               "--eval-images", "128"])  # a smaller held-out split keeps the test fast

@@ -1101,7 +1101,7 @@ def load_model(path, kind, tokenizer=None):
         model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(TokenizerConfig, ckpt["config"])
-        model = {"teacher": lambda: Teacher(cfg, ckpt["num_classes"]), "judge": lambda: Judge(ckpt["num_classes"], ckpt["none_class"]),
+        model = {"teacher": lambda: Teacher(cfg, ckpt["num_classes"]), "judge": lambda: Judge(ckpt["num_classes"], ckpt["none_class"], ckpt["width"]),
                  "tokenizer": lambda: TokenFlow(cfg)}[kind]()
     model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
     return model, ckpt
