@@ -2,7 +2,7 @@
 Measure a trained tokenizer and GPT: the metric functions (train.py imports them for its held-out
 evaluations; this file imports no script), and three commands.
 
-    python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD-teacher
+    python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD
     python evaluate.py probe [--pool grid]                # linear probes on each half of the codes
     python evaluate.py export --num-images 50000          # out/samples.npz for the ADM suite (gFID, IS)
     python evaluate.py export --ref --num-images 50000    # out/reference.npz: real held-out images
@@ -16,16 +16,18 @@ eval prints a table and appends one JSON line per metric set to OUT_DIR/metrics.
 Held-out tokenizer metrics, through encode -> ids -> decode: PSNR and SSIM on [0, 1] images with
 data range 1; codebook usage (the fraction of the K codes the held-out tokens hit) and
 perplexity (the exponential of the entropy of that histogram), overall and per scale; the
-semantic cosine to the teacher; and, with the toy teacher, recon_acc (the teacher's class
-accuracy on the reconstructions) beside teacher_acc (on the images themselves). With gpt.pt it
-also generates --num-images class-balanced samples (default: as many as the held-out images) at
-cfg 0 and at the default guidance (or
---cfg). class_acc is the toy teacher's class of each image, and sem_class_acc its class head on
-the semantic features decoded from the same ids. FD-teacher is the Frechet distance between
-mean-pooled teacher features of the samples and of the held-out images; the matrix square root
-is an eigen-decomposition (no scipy). fd_teacher_real is the same distance for as many real
-training images, the floor at that sample size. FD-teacher is measured in the space the
-semantic half is trained to reproduce, so it is a toy-scale check, not FID.
+semantic cosine to the teacher; with the toy teacher, recon_acc (its class accuracy on the
+reconstructions) beside teacher_acc (on the images themselves); with OUT_DIR/judge.pt (train.py
+--stage judge), recon_class_acc (the judge on the reconstructions: the most a generator can score
+through this decoder) beside judge_acc. With gpt.pt it also generates --num-images
+class-balanced samples (default: as many as the held-out images) at cfg 0 and at the default
+guidance (or --cfg), scored by score_generated: class_acc (the judge's class of each image, and
+per class), teacher_class_acc, sem_class_acc (the teacher's head on the semantic features decoded
+from the same ids) and, on shapes, colours (distinct foreground colours per class, of 8: the
+diversity guard). FD-teacher and FD-judge are Frechet distances between mean-pooled teacher
+features (pooled judge features) of the samples and of the held-out images; the matrix square
+root is an eigen-decomposition (no scipy). fd_*_real is the same distance for as many real
+training images, the floor at that sample size. They are toy-scale checks, not FID.
 
 probe fits multinomial logistic regression: one L-BFGS run of at most 100 iterations from zero
 weights, weight decay 1e-4, on standardised features of --probe-images training images (4,096),
