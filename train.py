@@ -61,7 +61,7 @@ DATASET_DEFAULTS = {  # (dataset, stage) -> changes to the toy preset's DEFAULTS
     # Fashion-MNIST test set, 3,000 and 3,500 steps at lr 2e-3 88.7%, 4,000 89.4% (data/fashion_mnist/README.md)
     ("fashion-mnist", "teacher"): dict(iters=3000, lr=2e-3),
     ("fashion-mnist", "judge"): dict(iters=600),  # with JUDGE["other"]: 86.1% on the test reconstructions
-    ("fashion-mnist", "gpt"): dict(iters=1200),  # the judge's 2.5 min come from here and from the teacher
+    ("fashion-mnist", "gpt"): dict(iters=1000),  # the judge's 2.5 min come from here and from the teacher
 }
 # images the GPT stage tokenizes (default: all of a dataset): the shapes are endless; 60,000
 # Fashion-MNIST images take 2.4 min on 2 cores, and the GPT sees at most 25,600
