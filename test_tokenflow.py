@@ -1842,11 +1842,12 @@ def test_one_half_tokenizers_train_and_evaluate_end_to_end(toy_run, tmp_path, co
     with pytest.raises(ValueError, match="--codebook"):  # the GPT stage without it names the flag
         train.main(["--stage", "gpt", "--teacher", teacher, "--out-dir", run, "--iters", "1"])
     last = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][-1]
-    assert (last["sem_class_acc"] is None) == (codebook == "pixel")
+    assert ("sem_class_acc" in last) == (codebook == "semantic") and "teacher_class_acc" in last  # (no judge.pt)
     flags = ["--out-dir", run, "--eval-images", "32", "--num-images", "16", "--batch-size", "16"]
     val, *generated = evaluate.main(["eval", *flags])
     assert ("sem_cos" in val) == (codebook == "semantic") and len(generated) == 2
-    assert all(("sem_class_acc" in g) == (codebook == "semantic") and "class_acc" in g for g in generated)
+    assert all(("sem_class_acc" in g) == (codebook == "semantic") and "teacher_class_acc" in g
+               and "class_acc" not in g for g in generated)  # no judge.pt in this run: only the teacher judges
     probes = evaluate.main(["probe", *flags, "--probe-images", "32"])
     assert [p["features"] for p in probes] == [codebook, "teacher"]
     ref = np.load(evaluate.main(["export", "--ref", *flags, "--out", str(tmp_path / "ref.npz")]))
