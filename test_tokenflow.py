@@ -1705,9 +1705,13 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
         return get_lr(step, *a)
 
     monkeypatch.setattr(train, "get_lr", two_signals_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(TEACHER_RUN + ["--iters", "6", "--out-dir", str(tmp_path)])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(TEACHER_RUN + ["--iters", "6", "--out-dir", str(tmp_path)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ---------------------------------------------------------------------------------------------
