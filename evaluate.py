@@ -258,9 +258,10 @@ def score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, de
         f = teacher.features(x).float().mean(1)  # (b, T)
         feats.append(f.cpu())
         heads = {}
-        if judge is not None:
-            judged.append(judge.eval().features(x).float().cpu())
-            heads["class_acc"] = judge.head(judged[-1].to(device))
+        if judge is not None:  # (in eval mode: its callers load it so)
+            j = judge.features(x).float()  # (b, F)
+            judged.append(j.cpu())
+            heads["class_acc"] = judge.head(j)
         if teacher.head is not None:
             heads["teacher_class_acc"] = teacher.head(f)
             if tokenizer.sem_dec is not None:
