@@ -24,22 +24,23 @@ def shape_sdf(cls, u, v):
     class at local coordinates u, v (B, H, W); -> (B, H, W) for the requested classes cls (B,)."""
     r, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
 
-    def ngon(k, radius):  # regular k-gon with the given circumradius
-        a = 2 * math.pi / k
-        return r * torch.cos(torch.remainder(theta, a) - a / 2) - radius * math.cos(math.pi / k)
+    def ngon(k, radius, vertex, u=u, v=v):  # regular k-gon, circumradius radius, a vertex at angle vertex
+        a, r, theta = 2 * math.pi / k, torch.sqrt(u * u + v * v), torch.atan2(v, u)
+        return r * torch.cos(torch.remainder(theta - vertex, a) - a / 2) - radius * math.cos(math.pi / k)
 
     def box(hx, hy):
         qx, qy = u.abs() - hx, v.abs() - hy
         return torch.sqrt(qx.clamp_min(0) ** 2 + qy.clamp_min(0) ** 2) + torch.maximum(qx, qy).clamp_max(0)
 
-    spikes = torch.abs(torch.remainder(theta * 5 / (2 * math.pi), 1.0) * 2 - 1)  # 1 at the 5 tips
+    up = -math.pi / 2  # image rows grow downwards, so "up" is the angle -90 degrees
+    spikes = torch.abs(torch.remainder((theta - up) * 5 / (2 * math.pi), 1.0) * 2 - 1)  # 1 at the 5 tips
     all_sdf = torch.stack([
         r - 1,  # disk
         (r - 0.72).abs() - 0.28,  # ring
-        ngon(3, 1.15),  # triangle
-        ngon(4, 1.0),  # square
+        ngon(3, 1.15, up, v=v + 0.29),  # triangle, a vertex up, moved down to centre its height
+        ngon(4, 1.15, math.pi / 4),  # square, sides level (a vertex up is a diamond)
         torch.minimum(box(1.0, 0.32), box(0.32, 1.0)),  # plus
-        (r - (0.42 + 0.65 * spikes ** 2)) * 0.6,  # star (scaled: the radial gap overstates distance)
+        (r - (0.42 + 0.65 * spikes ** 2)) * 0.6,  # star, a tip up (scaled: the radial gap overstates distance)
         torch.maximum(r - 1, 0.8 - torch.sqrt((u - 0.5) ** 2 + v * v)),  # crescent
         box(1.05, 0.3),  # bar
     ], dim=1)  # (B, 8, H, W)
@@ -60,6 +61,11 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     classes = SHAPES
     num_classes = len(SHAPES)
+    # The geometry (data/shapes/README.md, "levers"): large, near-centred, near-upright shapes put
+    # the class into the coarse scales, which next-scale prediction settles first.
+    radius = (0.38, 0.45)  # shape radius, in image widths
+    centre = (0.455, 0.545)  # range of the centre's x and y, in image widths
+    rotation = 0.0  # largest turn away from upright, in radians
 
     def __init__(self, size, image_size=32, seed=0, split="train"):
         self.size, self.image_size, self.seed, self.split = size, image_size, seed, split
@@ -74,8 +80,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             g = np.random.default_rng([self.seed, {"train": 0, "val": 1}[self.split], int(i)])
             rows.append(dict(
                 cls=g.integers(len(SHAPES)), colour=g.integers(len(PALETTE)),
-                jitter=g.uniform(-0.06, 0.06, 3), centre=g.uniform(0.35, 0.65, 2), radius=g.uniform(0.26, 0.36),
-                angle=g.uniform(0, 2 * math.pi), bg=g.uniform(0.2, 0.55) + g.uniform(-0.05, 0.05, 3),
+                jitter=g.uniform(-0.06, 0.06, 3), centre=g.uniform(*self.centre, 2),
+                radius=g.uniform(*self.radius), angle=g.uniform(-self.rotation, self.rotation), bg=g.uniform(0.2, 0.55) + g.uniform(-0.05, 0.05, 3),
                 stripe=[g.uniform(0, math.pi), g.uniform(3, 8), g.uniform(0, 2 * math.pi), g.uniform(0.03, 0.08)],
                 noise=g.normal(0, 0.04, (1, 8, 8)),
             ))
