@@ -1,8 +1,8 @@
 """
-Synthetic shapes, the toy run's data: 8 classes told apart by geometry alone, with colour, size,
-position, rotation and a textured background drawn independently of the class, so that
-semantics (class) and appearance (pixels) are separable. Rendered on the fly, deterministic per
-(seed, split, index); the 'val' split never repeats a 'train' image.
+Synthetic shapes, the toy run's data: 8 classes told apart by geometry alone, drawn large, near
+the middle and upright, with colour, size, place and a textured background drawn independently
+of the class, so that semantics (class) and appearance (pixels) are separable. Rendered on the
+fly, deterministic per (seed, split, index); the 'val' split never repeats a 'train' image.
 """
 
 import math

@@ -5,11 +5,12 @@ The README's Results table, from a fresh clone, in one command (about 20 min on 
     python data/shapes/results.py --eval-only        # the table again from the trained models
 
 It trains one toy teacher; three tokenizers with the same steps, batch and learning rate
-(train.py --codebook dual: TokenFlow, pixel: VQGAN-style, semantic: VQKD-style); and the GPT on the
-dual one. It then runs `evaluate.py eval` and `evaluate.py probe` (mean-pooled and whole-grid
-features) on each. Last, dual and pixel again with K = 4,096 codes, which the held-out tokens
-cannot all hit, for codebook usage (the paper's Fig. 7). The tables go to OUT_DIR/results.md;
-every stage also appends its rows to OUT_DIR/<run>/metrics.jsonl.
+(train.py --codebook dual: TokenFlow, pixel: VQGAN-style, semantic: VQKD-style); and the judge and
+the GPT on the dual one, as the default toy run does. It then runs `evaluate.py eval` and
+`evaluate.py probe` (mean-pooled and whole-grid features) on each. Last, dual and pixel again
+with K = 4,096 codes, which the held-out tokens cannot all hit, for codebook usage (the paper's
+Fig. 7). The tables go to OUT_DIR/results.md; every stage also appends its rows to
+OUT_DIR/<run>/metrics.jsonl.
 """
 
 import argparse
@@ -52,11 +53,12 @@ def table(results, large_k):
                      f"| {sem_cos} | {pct(ev.get('recon_acc'))} | {probe_cells(r['mean'], 'class')} "
                      f"| {probe_cells(r['mean'], 'colour')} | {probe_cells(r['grid'], 'class')} "
                      f"| {probe_cells(r['grid'], 'colour')} |")
-    lines += ["", "| generator on dual | cfg | class_acc | sem_class_acc | FD-teacher | FD-teacher of real images |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| generator on dual | cfg | class_acc | colours | sem_class_acc | FD-judge (real floor) "
+              "| FD-teacher (real floor) |", "|---|---|---|---|---|---|---|"]
     for g in results["dual"]["eval"][1:]:
-        lines.append(f"| {g['images']} samples | {g['cfg']:g} | {pct(g.get('class_acc'))} | {pct(g.get('sem_class_acc'))} "
-                     f"| {g['fd_teacher']:.1f} | {g['fd_teacher_real']:.2f} |")
+        lines.append(f"| {g['images']} samples | {g['cfg']:g} | {pct(g.get('class_acc'))} | {g['colours']:.2f} "
+                     f"| {pct(g.get('sem_class_acc'))} | {g['fd_judge']:.2f} ({g['fd_judge_real']:.2f}) "
+                     f"| {g['fd_teacher']:.1f} ({g['fd_teacher_real']:.2f}) |")
     lines += ["", f"| K = {LARGE_K:,} | PSNR (dB) | SSIM | usage | perplexity |", "|---|---|---|---|---|"]
     for name, ev in large_k.items():
         lines.append(f"| {name} | {ev['psnr']:.2f} | {ev['ssim']:.3f} | {pct(ev['usage'])}% | {ev['perplexity']:.0f} |")
@@ -73,7 +75,7 @@ def main(argv=None):
     if not args.eval_only:
         train.main(["--stage", "teacher", "--out-dir", args.out_dir, *seed])
         for codebook in CODEBOOKS:
-            for stage in ["tokenizer", "gpt"] if codebook == "dual" else ["tokenizer"]:
+            for stage in ["tokenizer", "judge", "gpt"] if codebook == "dual" else ["tokenizer"]:
                 train.main(["--stage", stage, "--codebook", codebook, "--teacher", teacher,
                             "--out-dir", os.path.join(args.out_dir, codebook), *seed])
         for codebook in ("dual", "pixel"):
