@@ -1,5 +1,5 @@
 """
-The README's Results table, from a fresh clone, in one command (about 20 min on 2 CPU cores):
+The README's Results table, from a fresh clone, in one command (about 24 min on 2 CPU cores):
 
     python data/shapes/results.py                    # trains into out/results/, prints the table
     python data/shapes/results.py --eval-only        # the table again from the trained models
