@@ -33,6 +33,7 @@ from tqdm import tqdm
 import tokenflow as tf
 from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
                   resolve_data_path)
+from data.checkpoints import load_checkpoint, load_model, matching_weights, save_checkpoint, tokenizer_id
 from data.checks import SEED, check_classes, check_device, check_folder, check_numbers, run_script
 from data.folders import save_grid
 from data.shapes import ShapesDataset
@@ -293,7 +294,7 @@ def train_teacher(args, cfg):
     net = wrap(args, teacher)
 
     def save_fn(step, state):
-        tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
+        save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
                            num_classes=teacher.num_classes, classes=data.classes, args=vars(args), **state)
 
     return train_loop(args, "teacher", teacher, net, list(teacher.parameters()), data,
@@ -374,8 +375,8 @@ def pixel_losses(args, iters, lr, path):
         disc = tf.PatchDiscriminator().to(args.device)
     gan = GAN(disc, wrap(args, DiscriminatorLoss(disc)), torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),
               args.disc_weight, args.adaptive_disc_weight)  # VQGAN's discriminator betas
-    if args.resume and os.path.exists(path) and "disc" in (ckpt := tf.load_checkpoint(path, "tokenizer")):
-        disc.load_state_dict(tf.matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
+    if args.resume and os.path.exists(path) and "disc" in (ckpt := load_checkpoint(path, "tokenizer")):
+        disc.load_state_dict(matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
         gan.opt.load_state_dict(ckpt["disc_optimizer"])
     return lpips, gan
 
@@ -406,7 +407,7 @@ def train_tokenizer(args, cfg):
         return loss, {**log, **d_stats, "usage": stats["usage"].item()}
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
+        save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
                            **(gan.state() if gan else {}))
 
     return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()), data, loss_fn,
@@ -425,7 +426,7 @@ def finetune_decoder(args, cfg):
     frozen, a pixel decoder of cfg's size (the trained one when the sizes agree, else a new one)
     trained on the pixel losses of the inference-time features (all scales) -> OUT_DIR/decoder.pt,
     a whole tokenizer with the same ids, so token files and GPT stay valid."""
-    trained, _ = tf.load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    trained, _ = load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
     diff = tf.config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
     if diff:
         raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
@@ -439,8 +440,8 @@ def finetune_decoder(args, cfg):
     tokenizer = tokenizer.to(args.device).requires_grad_(False)
     tokenizer.pix_dec.requires_grad_(True)
     net, path, hp = wrap(args, tokenizer.pix_dec), os.path.join(args.out_dir, "decoder.pt"), stage_hparams(args, "decoder")
-    resumed = args.resume and os.path.exists(path) and tf.load_model(path, "tokenizer")[0]
-    if resumed and tf.tokenizer_id(resumed) != tf.tokenizer_id(trained):
+    resumed = args.resume and os.path.exists(path) and load_model(path, "tokenizer")[0]
+    if resumed and tokenizer_id(resumed) != tokenizer_id(trained):
         raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
                          "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
     lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
@@ -459,7 +460,7 @@ def finetune_decoder(args, cfg):
     data = dataset(args, cfg.image_size, "train")
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
+        save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
                            **(gan.state() if gan else {}))
 
     return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()), data, loss_fn,
@@ -474,7 +475,7 @@ def finetune_decoder(args, cfg):
 def trained_tokenizer(args, cfg):
     """OUT_DIR/tokenizer.pt, frozen on the device, checked against the preset's config cfg."""
     path = os.path.join(args.out_dir, "tokenizer.pt")
-    tokenizer, _ = tf.load_model(path, "tokenizer")
+    tokenizer, _ = load_model(path, "tokenizer")
     diff = tf.config_diff(tokenizer.cfg, cfg)
     if diff:
         raise ValueError(f"tokenizer {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
@@ -488,7 +489,7 @@ def token_file(args, tokenizer, split):
     """A split tokenized once into OUT_DIR/tokens/ (data.token_file), reused while the tokenizer's
     encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
     data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
-    meta = {"tokenizer_id": tf.tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
+    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
             "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
             "dtype": args.dtype}  # (classes: a label is an index into them)
 
@@ -530,7 +531,7 @@ def train_judge(args, cfg):
     net = wrap(args, judge)
 
     def save_fn(step, state):
-        tf.save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
+        save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
                            num_classes=judge.num_classes, none_class=none_class, width=sizes["width"], args=vars(args),
                            **state)
 
@@ -544,7 +545,7 @@ def train_judge(args, cfg):
 def trained_judge(args, classes):
     """OUT_DIR/judge.pt on the device, checked against the run's classes."""
     path = os.path.join(args.out_dir, "judge.pt")
-    judge, ckpt = tf.load_model(path, "judge")
+    judge, ckpt = load_model(path, "judge")
     check_classes(ckpt.get("classes"), classes, f"judge {path}", "train the judge on this data (python train.py "
                   f"--stage judge --out-dir {shlex.quote(args.out_dir)})")
     return judge.to(args.device).eval()
@@ -574,8 +575,8 @@ def evaluate_gpt_stage(args, gpt, tokenizer, val):
 def train_gpt(args, tok_cfg, gpt_cfg):
     tokenizer_path, tokenizer = os.path.join(args.out_dir, "tokenizer.pt"), trained_tokenizer(args, tok_cfg)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
-    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tf.tokenizer_id(tokenizer)
-    trained_on = tf.load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
+    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
+    trained_on = load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
     if trained_on != tid:
         raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
                          f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
@@ -593,7 +594,7 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     net = wrap(args, gpt)
 
     def save_fn(step, state):
-        tf.save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
+        save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
                            tokenizer_id=tid, classes=classes, args=vars(args), **state)
 
     row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
@@ -759,7 +760,7 @@ class Checkpoints:
         if not os.path.exists(path):
             log(args, f"{self.stage}: --resume given but there is no {path}; starting from step 0")
             return 0
-        ckpt = tf.load_checkpoint(path, "tokenizer" if self.stage == "decoder" else self.stage)
+        ckpt = load_checkpoint(path, "tokenizer" if self.stage == "decoder" else self.stage)
         diff = tf.config_diff(tf.config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
         if diff:
             raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
@@ -767,12 +768,12 @@ class Checkpoints:
         if "optimizer" not in ckpt:
             raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another "
                              "--out-dir")
-        self.model.load_state_dict(tf.matching_weights(self.model, ckpt["model"], path))
+        self.model.load_state_dict(matching_weights(self.model, ckpt["model"], path))
         self.opt.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
-            ema = tf.matching_weights(self.model, ckpt.get("ema", ckpt["model"]), f"{path} (EMA)")
+            ema = matching_weights(self.model, ckpt.get("ema", ckpt["model"]), f"{path} (EMA)")
             self.ema.weights = {k: v.to(args.device) for k, v in ema.items()}
         if "rng" in ckpt:  # scale drop, class drop and augmentation continue as if never stopped
             torch.set_rng_state(ckpt["rng"])
