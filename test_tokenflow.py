@@ -594,12 +594,12 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     assert count(model.pix_enc) - count(model.pix_enc.to_code) == 29_298_176
     assert count(model.pix_dec) - count(model.pix_dec.from_code) == 42_449_795
     assert abs(count(model.sem_dec) + count(model.sem_dec_head) - 22e6) < 0.05 * 22e6
-    big = train.enhanced_decoder(cfg)  # twice the base decoder's channels and res blocks: the official sizes
+    big = tf.enhanced_decoder(cfg)  # twice the base decoder's channels and res blocks: the official sizes
     assert (big.pix_dec_ch, big.pix_dec_res_blocks) == (256, 4) and tf.config_diff(big, cfg) == [
         "pix_dec_ch = 256 vs 128", "pix_dec_res_blocks = 4 vs 2"]
     enhanced = tf.PixelDecoder(big)
     assert abs(count(enhanced) - count(enhanced.from_code) - 237_117_187) < 0.01 * 237_117_187
-    toy = train.enhanced_decoder(tf.PRESETS["toy"]["tokenizer"])  # the toy's own, doubled: not the 74.6M official one
+    toy = tf.enhanced_decoder(tf.PRESETS["toy"]["tokenizer"])  # the toy's own, doubled: not the 74.6M official one
     assert (toy.pix_dec_ch, toy.pix_dec_res_blocks) == (64, 2) and count(tf.PixelDecoder(toy)) < 4e6
 
 

@@ -36,7 +36,7 @@ References
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -767,6 +767,11 @@ class GPT(nn.Module):
         return torch.cat(out, dim=1)  # (B, L)
 
 
+def gpt_loss(logits_BLK, idx_BL):
+    """Next-scale prediction's loss: cross-entropy of every token given the scales before it."""
+    return F.cross_entropy(logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
+
+
 # ---------------------------------------------------------------------------------------------
 # The judge: the classifier that scores generated images on a labelled toy dataset
 
@@ -864,6 +869,14 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 
 # ---------------------------------------------------------------------------------------------
 # Presets
+
+
+def enhanced_decoder(cfg):
+    """TokenFlow's enhanced pixel decoder, defined relative to the base one: "double both the number
+    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and 4 res
+    blocks per level, the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
+    return replace(cfg, pix_dec_ch=2 * cfg.pix_dec_ch, pix_dec_res_blocks=2 * cfg.pix_dec_res_blocks)
+
 
 PRESETS = {
     # CPU toy: 32 px shapes, an 8x8 grid, a 4-layer toy teacher; trains in minutes on 2 cores

@@ -2,6 +2,8 @@
 Checkpoints: the files train.py writes and every script reads back. A checkpoint is a plain dict of
 tensors and primitives ({kind, config, model, step, ...}), so torch.load(weights_only=True) reads it
 without running any code; load_model rebuilds a model of tokenflow.py from its checkpoint alone.
+The second half serves train.py's loop: the EMA weights a checkpoint keeps, the state that resumes
+a run exactly, and what a non-finite step or a signal (SIGINT, SIGTERM) does to the checkpoint.
 """
 
 import hashlib
@@ -9,11 +11,18 @@ import os
 import pickle
 import re
 import shlex
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
 
 import tokenflow as tf
+from data import barrier
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files: written atomically, read without running code, models rebuilt from them alone
 
 
 def save_checkpoint(path, kind, config, model, step=0, **extra):
@@ -121,3 +130,161 @@ def load_model(path, kind, tokenizer=None):
                  "judge": lambda: tf.Judge(ckpt["num_classes"], ckpt["none_class"], ckpt["width"])}[kind]()
     model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
     return model, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's checkpoint (train.py's loop): EMA weights, the state that resumes the run exactly,
+# and what a non-finite step or a signal does to it
+
+
+class EMA:
+    """Weights averaged over steps (as VAR and LlamaGen): w_ema <- d w_ema + (1 - d) w, with d warmed up
+    as min(decay, (1+t)/(10+t)) so short runs do not sit at the init. Evaluation and sampling use it."""
+
+    def __init__(self, model, decay):
+        self.decay, self.weights = decay, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.weights[k].lerp_(v, 1 - d)
+            else:
+                self.weights[k].copy_(v)  # integer buffers (counters) are copied
+
+    @contextmanager
+    def applied(self, model):
+        """Within the block the model holds the averaged weights."""
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        try:
+            yield
+        finally:
+            model.load_state_dict(raw)
+
+
+class Checkpoints:
+    """A stage's checkpoint, OUT_DIR/<stage>.pt: the model with the loop's state (optimiser, scaler,
+    RNG, EMA), written by rank 0 (main) through save_fn(step, state), read back by resume; and the
+    evaluation rows that go with it (eval_fn() -> dict). log(text) and log_row(row) report."""
+
+    def __init__(self, out_dir, stage, model, opt, scaler, ema, save_fn, eval_fn, device="cpu", main=True,
+                 log=print, log_row=print):
+        self.stage, self.model, self.opt, self.scaler, self.ema = stage, model, opt, scaler, ema
+        self.save_fn, self.eval_fn, self.device, self.main = save_fn, eval_fn, device, main
+        self.log, self.log_row = log, log_row
+        self.path, self.saved = os.path.join(out_dir, f"{stage}.pt"), None
+
+    def evaluate(self):
+        with self.ema.applied(self.model) if self.ema else nullcontext():
+            return self.eval_fn()
+
+    def save(self, step):
+        if self.main:
+            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.startswith("cuda") else {}
+            self.save_fn(step, {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                                "rng": torch.get_rng_state(), **cuda_rng, **({"ema": self.ema.weights} if self.ema else {})})
+        self.saved = step
+        barrier()  # the next stage of every rank reads this file
+
+    def evaluate_and_save(self, step, save=True):
+        self.log_row({"stage": self.stage, "step": step, "split": "val", **self.evaluate()})
+        if save:  # (a run of skipped steps keeps the last good checkpoint as it is)
+            self.save(step)
+
+    def resume(self):
+        """Load the stage's checkpoint into the model and the loop's state -> the step to continue from."""
+        path = self.path
+        if not os.path.exists(path):
+            self.log(f"{self.stage}: --resume given but there is no {path}; starting from step 0")
+            return 0
+        ckpt = load_checkpoint(path, "tokenizer" if self.stage == "decoder" else self.stage)  # (decoder.pt: a tokenizer)
+        diff = tf.config_diff(tf.config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
+        if diff:
+            raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
+                             f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
+        if "optimizer" not in ckpt:
+            raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another "
+                             "--out-dir")
+        self.model.load_state_dict(matching_weights(self.model, ckpt["model"], path))
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            ema = matching_weights(self.model, ckpt.get("ema", ckpt["model"]), f"{path} (EMA)")
+            self.ema.weights = {k: v.to(self.device) for k, v in ema.items()}
+        if "rng" in ckpt:  # scale drop, class drop and augmentation continue as if never stopped
+            torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+        self.log(f"{self.stage}: resumed from {path} at step {ckpt['step']}")
+        self.saved = ckpt["step"]
+        return ckpt["step"]
+
+    def where(self):
+        return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class BadSteps:
+    """Steps skipped for a non-finite loss or gradient: counted, and 10 in a row stop the run
+    without saving (the last good checkpoint stays as it was)."""
+
+    def __init__(self, stage, checkpoints):
+        self.stage, self.checkpoints, self.total, self.in_a_row = stage, checkpoints, 0, 0
+
+    def ok(self):
+        self.in_a_row = 0
+
+    def skip(self, step):
+        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+        self.checkpoints.log(f"{self.stage}: step {step}: non-finite loss or gradient, step skipped ({self.total} so far)")
+        if self.in_a_row == 10:
+            raise NonFiniteLoss(f"{self.stage}: 10 non-finite losses in a row (steps {step - 9}-{step}); stopped "
+                                f"without saving; {self.checkpoints.where()}. Lower --lr or check the data, then --resume")
+
+
+class Interrupt:
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) are remembered rather than
+    acted on at once, so the training loop can finish the step, write a checkpoint and exit."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self.remember) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def remember(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now, the usual way
+            self.restore()
+            signal.raise_signal(signum)
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        if self.signal is not None and exc[0] is None:  # arrived after the last step's check: act on it now
+            signal.raise_signal(self.signal)
+
+
+def stop_on_signal(step, iters, eval_interval, interrupt, checkpoints, faults):
+    """After a step in which any rank got SIGINT / SIGTERM: the evaluation row a resume would skip,
+    a checkpoint (unless the last steps were bad), and exit 128 + signal."""
+    signum, interrupt.signal = interrupt.signal or signal.SIGTERM, None  # (another rank's)
+    stage = checkpoints.stage
+    if step % eval_interval == 0 and step < iters:
+        checkpoints.log_row({"stage": stage, "step": step, "split": "val", **checkpoints.evaluate()})
+    if faults.in_a_row == 0:
+        checkpoints.save(step)
+    written = f"checkpoint written to {checkpoints.path}" if faults.in_a_row == 0 else checkpoints.where()
+    checkpoints.log(f"{stage}: {signal.Signals(signum).name} at step {step}: {written}; "
+                    "run the same command with --resume to continue")
+    raise SystemExit(128 + signum)
