@@ -264,7 +264,7 @@ def train_steps(args, stage):
         model = tf.GPT(replace(preset["gpt"], num_classes=8), tokenizer.requires_grad_(False)).to(args.device)
         ids = np.random.default_rng(0).integers(0, cfg.codebook_size, (8192, cfg.seq_len)).astype(np.uint16)
         data = device_batches(TokenDataset(ids, np.arange(8192) % 8), batch, 0, device=args.device)
-        loss_fn = lambda idx, y: train.gpt_loss(model(idx, y), idx)
+        loss_fn = lambda idx, y: tf.gpt_loss(model(idx, y), idx)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 import tokenflow as tf
 from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path, save_atomically
+from data.checkpoints import load_model
 from data.checks import (SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file, check_numbers,
                          check_output_file, parse_refine, run_script)
 from data.folders import class_rows, keep_class_examples, save_grid, to_uint8
@@ -384,7 +385,7 @@ class Run:
 
     def __init__(self, args):
         self.args, path = args, args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt")
-        tokenizer, ckpt = tf.load_model(path, "tokenizer")
+        tokenizer, ckpt = load_model(path, "tokenizer")
         self.tokenizer, self.tokenizer_path = tokenizer.to(args.device).eval(), path
         trained = ckpt.get("args", {})
         self.dataset = args.dataset or trained.get("dataset", "shapes")
@@ -407,7 +408,7 @@ class Run:
 
     def gpt(self):
         path = os.path.join(self.args.out_dir, "gpt.pt")
-        gpt, ckpt = tf.load_model(path, "gpt", self.tokenizer)
+        gpt, ckpt = load_model(path, "gpt", self.tokenizer)
         check_classes(ckpt.get("classes"), self.classes, f"GPT {path}", f"give the GPT of {self.tokenizer_path}'s run")
         return gpt.to(self.args.device).eval()
 
@@ -416,7 +417,7 @@ class Run:
         path = os.path.join(self.args.out_dir, "judge.pt")
         if not os.path.exists(path):
             return None
-        judge, ckpt = tf.load_model(path, "judge")
+        judge, ckpt = load_model(path, "judge")
         check_classes(ckpt.get("classes"), self.classes, f"judge {path}", f"give the judge of {self.tokenizer_path}'s run")
         return judge.to(self.args.device).eval()
 

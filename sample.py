@@ -20,6 +20,7 @@ import torch
 
 import tokenflow as tf
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
+from data.checkpoints import load_model
 from data.checks import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
                          check_output_file, listing, parse_refine, run_script)
 from data.folders import class_rows, keep_class_examples, load_images, save_grid
@@ -98,7 +99,7 @@ def class_ids(wanted, names, num_classes, path):
 
 def generate(args, ckpt, tokenizer, out):
     path = os.path.join(args.out_dir, "gpt.pt")
-    gpt, gpt_ckpt = tf.load_model(path, "gpt", tokenizer)
+    gpt, gpt_ckpt = load_model(path, "gpt", tokenizer)
     gpt, names = gpt.to(args.device).eval(), gpt_ckpt.get("classes")
     classes = class_ids(args.classes or [], names, gpt.cfg.num_classes, path) or list(range(gpt.cfg.num_classes))
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
@@ -166,7 +167,7 @@ MODES = {"generate": (generate, "samples.png"), "reconstruct": (reconstruct, "re
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    tokenizer, ckpt = tf.load_model(args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    tokenizer, ckpt = load_model(args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
     run, default_out = MODES[args.mode]
     return run(args, ckpt, tokenizer.to(args.device).eval(), args.out or os.path.join(args.out_dir, default_out))
 

@@ -76,12 +76,14 @@ from PIL import Image
 
 import data
 import data.checks
+import data.checkpoints
 import data.weights
 import evaluate
 import sample
 import tokenflow as tf
 import train
 from data import device_batches, fashion_mnist
+from data.checkpoints import load_checkpoint, load_model, save_checkpoint, tokenizer_id
 from data.folders import FolderDataset, class_rows, keep_class_examples, read_rgb, to_uint8
 from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
 
@@ -158,7 +160,7 @@ def test_load_clip_matches_the_clip_forward(tmp_path, fmt):
         traced = torch.jit.trace(clip, x)
         torch.jit.save(traced.half() if fmt.endswith("fp16") else traced, path)
         clip = clip.half().float() if fmt.endswith("fp16") else clip  # the reference sees the same rounding
-    vit = tf.load_clip(path)
+    vit = data.weights.load_clip(path)
     assert len(vit.blocks) == 2 and vit.positional_embedding.shape == (10, 128)
     with torch.no_grad():
         assert torch.allclose(vit(x), clip.visual(x), atol=1e-4)
@@ -171,7 +173,7 @@ def test_torchscript_weights_that_would_run_code_are_refused(tmp_path, monkeypat
         zf.writestr("evil/data.pkl", pickle.dumps({"visual.conv1.weight": RunsCode()}, protocol=2))
         zf.writestr("evil/constants.pkl", pickle.dumps(()))
     with pytest.raises(pickle.UnpicklingError, match="no place in a weights file"):
-        tf.load_clip("evil.pt")
+        data.weights.load_clip("evil.pt")
     assert not os.path.exists("pwned")
 
 
@@ -185,12 +187,12 @@ def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatc
     torch.save(clip.state_dict(), path)
     cfg = replace(TINY, vit_width=64, vit_depth=2, vit_heads=1, vit_stem_ch=0, vit_quick_gelu=True,
                   sem_mean=(0.48145466, 0.4578275, 0.40821073), sem_std=(0.26862954, 0.26130258, 0.27577711))
-    teacher = tf.clip_teacher(path, cfg).eval()
+    teacher = data.weights.clip_teacher(path, cfg).eval()
     x = images(2)
     with torch.no_grad():
         assert torch.allclose(teacher.features(x), visual(tf.teacher_input(x, cfg)) @ visual.proj, atol=1e-4)
     with pytest.raises(ValueError, match="vit_depth = 2 vs 3"):
-        tf.clip_teacher(path, replace(cfg, vit_depth=3))
+        data.weights.clip_teacher(path, replace(cfg, vit_depth=3))
     # --teacher clip-vit-b16: fetched once into the cache, then its SHA-256 is checked
     monkeypatch.setenv("TOKENFLOW_CACHE", str(tmp_path / "cache"))
     fake = "https://example.invalid/x/" + hashlib.sha256(open(path, "rb").read()).hexdigest() + "/ViT-B-16.pt"
@@ -205,11 +207,11 @@ def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatc
 
 def test_positions_resize_keeps_the_class_token_and_is_identity_at_the_same_grid():
     pos = torch.randn(1 + 14 * 14, 8)
-    assert torch.equal(tf.resize_positions(pos, 14), pos)
-    big = tf.resize_positions(pos, 16)
+    assert torch.equal(data.weights.resize_positions(pos, 14), pos)
+    big = data.weights.resize_positions(pos, 16)
     assert big.shape == (1 + 16 * 16, 8) and torch.equal(big[0], pos[0])
     flat = torch.cat([pos[:1], torch.ones(14 * 14, 8)])  # a constant grid stays constant
-    assert torch.allclose(tf.resize_positions(flat, 16)[1:], torch.ones(16 * 16, 8), atol=1e-5)
+    assert torch.allclose(data.weights.resize_positions(flat, 16)[1:], torch.ones(16 * 16, 8), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,18 +567,18 @@ def test_gpt_loss_goes_down_on_one_batch(tiny):
 
 def test_gpt_checkpoint_holds_only_gpt_weights_and_round_trips(tmp_path, tiny, gpt):
     path = str(tmp_path / "gpt.pt")
-    tf.save_checkpoint(path, "gpt", GPT_TINY, gpt, step=3, tokenizer_config=asdict(TINY))
-    ckpt = tf.load_checkpoint(path, "gpt")
+    save_checkpoint(path, "gpt", GPT_TINY, gpt, step=3, tokenizer_config=asdict(TINY))
+    ckpt = load_checkpoint(path, "gpt")
     assert set(ckpt["model"]) == {name for name, _ in gpt.named_parameters()}  # no codebook, no buffers
-    loaded, _ = tf.load_model(path, "gpt", tiny)
+    loaded, _ = load_model(path, "gpt", tiny)
     idx, labels = tiny.encode(images(2)), torch.tensor([0, 2])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(idx, labels), gpt(idx, labels))
     other = tf.TokenFlow(replace(TINY, codebook_size=128))
     with pytest.raises(ValueError, match="codebook_size 64 vs 128"):
-        tf.load_model(path, "gpt", other)
+        load_model(path, "gpt", other)
     with pytest.raises(ValueError, match="holds a 'gpt' checkpoint, expected 'tokenizer'"):
-        tf.load_model(path, "tokenizer")
+        load_model(path, "tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,12 +594,12 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     assert count(model.pix_enc) - count(model.pix_enc.to_code) == 29_298_176
     assert count(model.pix_dec) - count(model.pix_dec.from_code) == 42_449_795
     assert abs(count(model.sem_dec) + count(model.sem_dec_head) - 22e6) < 0.05 * 22e6
-    big = train.enhanced_decoder(cfg)  # twice the base decoder's channels and res blocks: the official sizes
+    big = tf.enhanced_decoder(cfg)  # twice the base decoder's channels and res blocks: the official sizes
     assert (big.pix_dec_ch, big.pix_dec_res_blocks) == (256, 4) and tf.config_diff(big, cfg) == [
         "pix_dec_ch = 256 vs 128", "pix_dec_res_blocks = 4 vs 2"]
     enhanced = tf.PixelDecoder(big)
     assert abs(count(enhanced) - count(enhanced.from_code) - 237_117_187) < 0.01 * 237_117_187
-    toy = train.enhanced_decoder(tf.PRESETS["toy"]["tokenizer"])  # the toy's own, doubled: not the 74.6M official one
+    toy = tf.enhanced_decoder(tf.PRESETS["toy"]["tokenizer"])  # the toy's own, doubled: not the 74.6M official one
     assert (toy.pix_dec_ch, toy.pix_dec_res_blocks) == (64, 2) and count(tf.PixelDecoder(toy)) < 4e6
 
 
@@ -620,8 +622,8 @@ def test_inconsistent_configs_are_refused(change, message):
 
 def test_checkpoint_round_trip(tmp_path, tiny):
     path = str(tmp_path / "tokenizer.pt")
-    tf.save_checkpoint(path, "tokenizer", TINY, tiny, step=7)
-    loaded, ckpt = tf.load_model(path, "tokenizer")
+    save_checkpoint(path, "tokenizer", TINY, tiny, step=7)
+    loaded, ckpt = load_model(path, "tokenizer")
     loaded.eval()
     x = images(2)
     assert ckpt["step"] == 7 and loaded.cfg == TINY
@@ -632,24 +634,24 @@ def test_checkpoint_round_trip(tmp_path, tiny):
 
 def test_a_kill_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, tiny, monkeypatch):
     path = str(tmp_path / "tokenizer.pt")
-    tf.save_checkpoint(path, "tokenizer", TINY, tiny, step=1)
+    save_checkpoint(path, "tokenizer", TINY, tiny, step=1)
 
     def killed_mid_write(obj, f):
         f.write(b"PK\x03\x04 half a zip")  # the first bytes of a torch.save archive, then the kill
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(tf.torch, "save", killed_mid_write)
+    monkeypatch.setattr(data.checkpoints.torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        tf.save_checkpoint(path, "tokenizer", TINY, tiny, step=2)
+        save_checkpoint(path, "tokenizer", TINY, tiny, step=2)
     monkeypatch.undo()
-    assert tf.load_checkpoint(path, "tokenizer")["step"] == 1
+    assert load_checkpoint(path, "tokenizer")["step"] == 1
 
 
 def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, tiny):
     path = str(tmp_path / "tokenizer.pt")
-    tf.save_checkpoint(path, "tokenizer", TINY, tiny)
+    save_checkpoint(path, "tokenizer", TINY, tiny)
     with pytest.raises(ValueError, match="holds a 'tokenizer' checkpoint, expected 'teacher'"):
-        tf.load_model(path, "teacher")
+        load_model(path, "teacher")
 
 
 class RunsCode:
@@ -662,7 +664,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     with open("evil.pt", "wb") as f:
         pickle.dump({"kind": "tokenizer", "payload": RunsCode()}, f)
     with pytest.raises(ValueError, match="not a checkpoint this code can read safely"):
-        tf.load_checkpoint("evil.pt", "tokenizer")
+        load_checkpoint("evil.pt", "tokenizer")
     assert not os.path.exists("pwned")
 
 
@@ -744,14 +746,14 @@ def test_folder_dataset_trains_every_stage(tmp_path, capsys):
     train.main(["--dataset", "folder", "--data-path", str(tmp_path / "data"), "--iters", "1", "--out-dir", out,
                 "--batch-size", "4"])
     assert f"data: {tmp_path / 'data'}: 12 training images in 3 classes, 8 held-out images" in capsys.readouterr().out
-    teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
-    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
-    gpt, _ = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
+    teacher, _ = load_model(os.path.join(out, "teacher.pt"), "teacher")
+    tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    gpt, _ = load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
     assert teacher.num_classes == gpt.cfg.num_classes == 3
     assert np.load(os.path.join(out, "tokens", "train_ids.npy")).shape == (12, tokenizer.cfg.seq_len)
     assert np.load(os.path.join(out, "tokens", "val_labels.npy")).tolist() == [0] * 4 + [2] * 4  # cat is 2, as in train
     for name in ("teacher.pt", "tokenizer.pt", "gpt.pt"):
-        assert tf.load_checkpoint(os.path.join(out, name))["classes"] == ["ant", "bee", "cat"], name
+        assert load_checkpoint(os.path.join(out, name))["classes"] == ["ant", "bee", "cat"], name
     png = sample.main(["--out-dir", out, "--classes", "cat", "0", "3", "--per-class", "1",
                        "--out", str(tmp_path / "s.png")])
     assert "3 classes x 1 images, one row per class (cat, ant, null)" in capsys.readouterr().out
@@ -962,8 +964,8 @@ def test_fashion_mnist_trains_every_stage_and_samples(tmp_path):
     out = str(tmp_path / "out")
     train.main(["--dataset", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--iters", "2", "--out-dir", out,
                 "--batch-size", "4", "--eval-images", "20"])
-    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
-    gpt, _ = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
+    tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    gpt, _ = load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
     assert gpt.cfg.num_classes == 10
     assert Image.open(os.path.join(out, "reconstructions.png")).size == (20 * 32 * 3, 2 * 32 * 3)  # 2 per class
     assert Image.open(sample.main(["--out-dir", out, "--per-class", "2"])).size == (2 * 32 * 3, 10 * 32 * 3)
@@ -1089,10 +1091,10 @@ def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     argv = ["--stage", "tokenizer", "--out-dir", out, "--disc-start", "1", "--adaptive-disc-weight"]
     argv += ["--eval-images", "64"]
     train.main(argv + ["--iters", "3"])
-    ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    ckpt = load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 2  # steps 1 and 2 of 0, 1, 2
     train.main(argv + ["--iters", "4", "--resume"])
-    ckpt = tf.load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    ckpt = load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 3  # resumed, not restarted
 
 
@@ -1155,8 +1157,8 @@ def test_toy_run_smoke(toy_run):
     for name in ["teacher.pt", "tokenizer.pt", "judge.pt", "gpt.pt", "metrics.jsonl", "reconstructions.png",
                  "gpt_samples.png"]:
         assert os.path.exists(os.path.join(out, name)), name
-    teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
-    tokenizer, ckpt = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    teacher, _ = load_model(os.path.join(out, "teacher.pt"), "teacher")
+    tokenizer, ckpt = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert ckpt["step"] == 2 and "optimizer" in ckpt
     # the tokenizer's semantic encoder starts as this teacher (then trains 2 small steps); a fresh
     # encoder from the same seed is far from it, so the check means something
@@ -1164,7 +1166,7 @@ def test_toy_run_smoke(toy_run):
     assert torch.allclose(w(tokenizer.sem_enc), w(teacher.vit), atol=0.01)
     torch.manual_seed(0)
     assert not torch.allclose(w(tf.TokenFlow(tokenizer.cfg).sem_enc), w(teacher.vit), atol=0.01)
-    gpt, ckpt = tf.load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
+    gpt, ckpt = load_model(os.path.join(out, "gpt.pt"), "gpt", tokenizer)
     assert ckpt["step"] == 2 and gpt.cfg.num_classes == ShapesDataset.num_classes
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     gpt_val = [r for r in rows if r["stage"] == "gpt" and r["split"] == "val"][-1]
@@ -1176,7 +1178,7 @@ def test_toy_run_smoke(toy_run):
     per_class = generated["class_acc_per_class"]
     assert len(per_class) == ShapesDataset.num_classes and abs(sum(per_class) / 8 - generated["class_acc"]) < 1e-3
     assert 1 <= generated["colours"] <= 4 and 1 <= generated["colours_cfg0"] <= 4  # 4 samples per class
-    judge, ckpt = tf.load_model(os.path.join(out, "judge.pt"), "judge")
+    judge, ckpt = load_model(os.path.join(out, "judge.pt"), "judge")
     assert ckpt["classes"] == ShapesDataset.classes and judge.num_classes == 8 and judge.none_class  # + blobs
     judge_val = [r for r in rows if r["stage"] == "judge"][-1]
     assert 0 <= judge_val["recon_class_acc"] <= 1 and 0 <= judge_val["acc"] <= 1
@@ -1184,7 +1186,7 @@ def test_toy_run_smoke(toy_run):
 
 def test_token_file_matches_the_tokenizer_and_is_reused(toy_run):
     out, _ = toy_run
-    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     ids = np.load(os.path.join(out, "tokens", "train_ids.npy"))
     labels = np.load(os.path.join(out, "tokens", "train_labels.npy"))
     assert ids.dtype == np.uint16 and ids.shape == (64, tokenizer.cfg.seq_len) and labels.shape == (64,)
@@ -1201,7 +1203,7 @@ def test_token_file_matches_the_tokenizer_and_is_reused(toy_run):
 def test_token_file_crash_mid_write_is_never_reused(toy_run, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     shutil.copytree(toy_run[0], out)
-    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     tokenizer.eval()
 
     def crash(x):
@@ -1220,7 +1222,7 @@ def test_gpt_of_another_tokenizer_is_refused_on_resume_and_in_sample(toy_run, tm
     out = str(tmp_path / "out")
     shutil.copytree(toy_run[0], out)
     path = os.path.join(out, "tokenizer.pt")
-    ckpt = tf.load_checkpoint(path, "tokenizer")
+    ckpt = load_checkpoint(path, "tokenizer")
     ckpt["model"]["codebook.pix"] = torch.randn_like(ckpt["model"]["codebook.pix"])  # same sizes, other codes
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="trained on the ids of another tokenizer"):
@@ -1241,7 +1243,7 @@ def test_sample_script_generates_reconstructs_and_round_trips_ids(toy_run, tmp_p
         Image.fromarray(arr).save(path)
     ids_path = sample.main(["encode", *paths, "--out-dir", out, "--out", str(tmp_path / "ids.npy")])
     ids = np.load(ids_path)
-    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     expected = tokenizer.eval().encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1)
     assert np.array_equal(ids, expected.numpy())
     decoded = sample.main(["decode", ids_path, "--out-dir", out, "--out", str(tmp_path / "d.png")])
@@ -1263,10 +1265,10 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
     train.main(["--stage", "teacher", "--iters", "2", "--out-dir", out])
     train.main(["--stage", "teacher", "--iters", "4", "--out-dir", out, "--resume"])
     assert "resumed from" in capsys.readouterr().out
-    ckpt = tf.load_checkpoint(os.path.join(out, "teacher.pt"), "teacher")
+    ckpt = load_checkpoint(os.path.join(out, "teacher.pt"), "teacher")
     assert ckpt["step"] == 4 and ckpt["optimizer"]["state"][0]["step"].item() == 4  # 2 + 2 Adam steps
     other = replace(tf.PRESETS["toy"]["tokenizer"], vit_depth=1)
-    tf.save_checkpoint(os.path.join(out, "teacher.pt"), "teacher", other, tf.Teacher(other, 8), num_classes=8)
+    save_checkpoint(os.path.join(out, "teacher.pt"), "teacher", other, tf.Teacher(other, 8), num_classes=8)
     with pytest.raises(ValueError, match="vit_depth = 1 vs 4"):
         train.main(["--stage", "teacher", "--iters", "4", "--out-dir", out, "--resume"])
 
@@ -1274,7 +1276,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
 def test_mismatched_teacher_stops_with_both_values(tmp_path):
     path = str(tmp_path / "teacher.pt")
     other = replace(tf.PRESETS["toy"]["tokenizer"], vit_depth=1)
-    tf.save_checkpoint(path, "teacher", other, tf.Teacher(other, 8), num_classes=8)
+    save_checkpoint(path, "teacher", other, tf.Teacher(other, 8), num_classes=8)
     r = subprocess.run([sys.executable, "train.py", "--stage", "tokenizer", "--teacher", path, "--iters", "1",
                         "--out-dir", str(tmp_path)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -1287,7 +1289,7 @@ def test_mismatched_teacher_stops_with_both_values(tmp_path):
 
 
 def weights(path, kind):
-    return tf.load_checkpoint(path, kind)["model"]
+    return load_checkpoint(path, kind)["model"]
 
 
 def assert_same_weights(a, b, atol=0):
@@ -1300,7 +1302,7 @@ def assert_same_weights(a, b, atol=0):
 def assert_same_function(path_a, path_b, kind, atol=1e-4):
     """Two trained models compute the same outputs. (Not the same weights: a bias just before a norm
     gets a zero gradient plus rounding noise, which Adam scales up to a full step of random sign.)"""
-    a, b = (tf.load_model(p, kind)[0].eval() for p in (path_a, path_b))
+    a, b = (load_model(p, kind)[0].eval() for p in (path_a, path_b))
     x = images(4, size=a.cfg.image_size)
     if kind == "teacher":
         assert torch.allclose(a(x), b(x), atol=atol)
@@ -1335,7 +1337,7 @@ def test_resume_mid_run_continues_with_the_same_batches(tmp_path, monkeypatch):
         m.setattr(train, "get_lr", killed_at_step_3)
         with pytest.raises(KeyboardInterrupt):
             train.main(argv + ["--out-dir", str(tmp_path / "resumed")])
-    assert tf.load_checkpoint(tmp_path / "resumed" / "teacher.pt", "teacher")["step"] == 2
+    assert load_checkpoint(tmp_path / "resumed" / "teacher.pt", "teacher")["step"] == 2
     train.main(argv + ["--out-dir", str(tmp_path / "resumed"), "--resume"])
     assert_same_weights(weights(tmp_path / "straight" / "teacher.pt", "teacher"),
                         weights(tmp_path / "resumed" / "teacher.pt", "teacher"))
@@ -1357,9 +1359,9 @@ def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
     # a run with EMA: evaluation, the checkpoint and load_model use the averaged weights
     out = str(tmp_path)
     row = train.main(["--stage", "teacher", "--iters", "3", "--ema", "0.9", "--eval-images", "64", "--out-dir", out])
-    ckpt = tf.load_checkpoint(os.path.join(out, "teacher.pt"), "teacher")
+    ckpt = load_checkpoint(os.path.join(out, "teacher.pt"), "teacher")
     assert not torch.equal(ckpt["ema"]["head.weight"], ckpt["model"]["head.weight"])
-    teacher, _ = tf.load_model(os.path.join(out, "teacher.pt"), "teacher")
+    teacher, _ = load_model(os.path.join(out, "teacher.pt"), "teacher")
     assert torch.equal(teacher.head.weight, ckpt["ema"]["head.weight"])
     val = data.make_dataset("shapes", None, "val", teacher.cfg.image_size, size=64)
     assert evaluate.evaluate_teacher(teacher, data.eval_loader(val, 256), "cpu")["acc"] == row["teacher"]["acc"]
@@ -1378,13 +1380,13 @@ def test_finetune_decoder_trains_only_the_pixel_decoder(toy_run, tmp_path, monke
     assert_same_weights({k: before[k] for k in frozen}, {k: after[k] for k in frozen}, atol=0)
     assert any(after[k].shape != before[k].shape or not torch.equal(after[k], before[k])
                for k in before if k.startswith("pix_dec."))
-    old, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
-    new, _ = tf.load_model(os.path.join(out, "decoder.pt"), "tokenizer")
+    old, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    new, _ = load_model(os.path.join(out, "decoder.pt"), "tokenizer")
     assert new.cfg.pix_dec_ch == (64 if decoder == "other" else 32)
-    assert tf.tokenizer_id(new) == tf.tokenizer_id(old)  # same ids: token files and GPT stay valid
+    assert tokenizer_id(new) == tokenizer_id(old)  # same ids: token files and GPT stay valid
     x = images(4, size=32)
     assert torch.equal(new.eval().encode(x), old.eval().encode(x))
-    tf.load_model(os.path.join(out, "gpt.pt"), "gpt", new)
+    load_model(os.path.join(out, "gpt.pt"), "gpt", new)
     png = sample.main(["--out-dir", out, "--tokenizer", os.path.join(out, "decoder.pt"), "--classes", "1",
                        "--per-class", "2", "--out", str(tmp_path / "s.png")])  # the GPT samples through it
     assert Image.open(png).size == (2 * 32 * 3, 32 * 3)
@@ -1414,7 +1416,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
                 assert k not in a or a[k] == pytest.approx(b[k], abs=1e-3), k
     listing = [sorted(str(p.relative_to(tmp_path / run)) for p in (tmp_path / run).rglob("*")) for run in ("one", "two")]
     assert listing[0] == listing[1]  # the same files, no per-rank leftovers
-    gpt = tf.load_checkpoint(tmp_path / "two" / "gpt.pt", "gpt")
+    gpt = load_checkpoint(tmp_path / "two" / "gpt.pt", "gpt")
     assert gpt["step"] == 2 and gpt["optimizer"]["state"][0]["step"].item() == 2
 
 
@@ -1540,7 +1542,7 @@ def test_a_signal_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, monk
             train.main(argv + ["--out-dir", str(tmp_path / "stopped")])
     assert e.value.code == 128 + signum
     assert f"{signal.Signals(signum).name} at step 6: checkpoint written" in capsys.readouterr().out
-    assert tf.load_checkpoint(tmp_path / "stopped" / "teacher.pt", "teacher")["step"] == 6  # step 5 finished
+    assert load_checkpoint(tmp_path / "stopped" / "teacher.pt", "teacher")["step"] == 6  # step 5 finished
     train.main(argv + ["--out-dir", str(tmp_path / "stopped"), "--resume"])
     assert_same_weights(weights(tmp_path / "straight" / "teacher.pt", "teacher"),
                         weights(tmp_path / "stopped" / "teacher.pt", "teacher"))
@@ -1559,28 +1561,28 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
         m.setattr(train.F, "cross_entropy", nan_at({3, 4}))
         row = train.main(TEACHER_RUN + ["--iters", "6", "--out-dir", str(tmp_path / "a")])["teacher"]
     assert row["skipped_steps"] == 2
-    assert tf.load_checkpoint(tmp_path / "a" / "teacher.pt")["optimizer"]["state"][0]["step"].item() == 6 - 2
+    assert load_checkpoint(tmp_path / "a" / "teacher.pt")["optimizer"]["state"][0]["step"].item() == 6 - 2
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "a" / "teacher.pt", "teacher").values())
     calls.clear()
     with monkeypatch.context() as m:  # from step 4 on every loss is NaN: 10 in a row stop the run
         m.setattr(train.F, "cross_entropy", nan_at(set(range(5, 100))))
         with pytest.raises(train.NonFiniteLoss, match=r"10 non-finite losses in a row \(steps 4-13\).*holds step 3"):
             train.main(TEACHER_RUN + ["--iters", "30", "--eval-interval", "3", "--out-dir", str(tmp_path / "b")])
-    ckpt = tf.load_checkpoint(tmp_path / "b" / "teacher.pt", "teacher")
+    ckpt = load_checkpoint(tmp_path / "b" / "teacher.pt", "teacher")
     assert ckpt["step"] == 3 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
 
 
 HANG_AFTER_SAVE = """
 import sys, time
 sys.path.insert(0, {here!r})
-import tokenflow as tf, train
-save = tf.save_checkpoint
+import train
+save = train.save_checkpoint
 def save_then_hang(path, kind, config, model, step=0, **extra):
     save(path, kind, config, model, step, **extra)
     if step == {step}:
         print("saved", flush=True)
         time.sleep(600)  # the parent SIGKILLs us here
-tf.save_checkpoint = save_then_hang
+train.save_checkpoint = save_then_hang
 train.main(sys.argv[1:])
 """
 
@@ -1657,8 +1659,8 @@ def test_bench_estimate_counts_attention_by_hand():
 ])
 def test_a_checkpoint_with_an_impossible_config_exits_2(tmp_path, tiny, change, message):
     path = str(tmp_path / "tokenizer.pt")
-    tf.save_checkpoint(path, "tokenizer", TINY, tiny)
-    ckpt = tf.load_checkpoint(path)
+    save_checkpoint(path, "tokenizer", TINY, tiny)
+    ckpt = load_checkpoint(path)
     ckpt["config"].update(change)
     torch.save(ckpt, path)
     r = subprocess.run([sys.executable, "sample.py", "reconstruct", "--out-dir", str(tmp_path)], cwd=HERE,
@@ -1824,7 +1826,7 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     x, y = zip(*ShapesDataset(24, 32, 0, "val").__getitems__(range(24)))
     assert np.array_equal(ref["arr_0"], to_uint8(torch.stack(x))) and ref["arr_1"].tolist() == list(y)
     recon = np.load(evaluate.main(["export", "--recon", *flags, "--out", str(tmp_path / "recon.npz")]))
-    tokenizer, _ = tf.load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert np.array_equal(recon["arr_0"], to_uint8(tokenizer.decode(tokenizer.encode(torch.stack(x)))))
     assert len(evaluate.main(["eval", *flags, "--cfg", "0"])) == 2  # cfg 0 is evaluated once
     for split in ("train", "val"):
@@ -1842,7 +1844,7 @@ def test_one_half_tokenizers_train_and_evaluate_end_to_end(toy_run, tmp_path, co
     common = ["--codebook", codebook, "--teacher", teacher, "--out-dir", run, "--iters", "1", "--seed", "3",
               "--eval-images", "32", "--codebook-size", "256"]
     train.main(["--stage", "tokenizer", *common])
-    assert tf.load_model(os.path.join(run, "tokenizer.pt"), "tokenizer")[0].codebook.sem.shape[0] == 256
+    assert load_model(os.path.join(run, "tokenizer.pt"), "tokenizer")[0].codebook.sem.shape[0] == 256
     train.main(["--stage", "gpt", *common, "--token-images", "64"])
     with pytest.raises(ValueError, match="--codebook"):  # the GPT stage without it names the flag
         train.main(["--stage", "gpt", "--teacher", teacher, "--out-dir", run, "--iters", "1"])
@@ -1886,11 +1888,11 @@ def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])  # DDP, torch.compile, both
 def test_state_dicts_of_wrapped_models_load(tmp_path, tiny, prefix):
     path = str(tmp_path / "tokenizer.pt")
-    tf.save_checkpoint(path, "tokenizer", TINY, tiny)
-    ckpt = tf.load_checkpoint(path)
+    save_checkpoint(path, "tokenizer", TINY, tiny)
+    ckpt = load_checkpoint(path)
     ckpt["model"] = {prefix + k: v for k, v in ckpt["model"].items()}
     torch.save(ckpt, path)
-    loaded, _ = tf.load_model(path, "tokenizer")
+    loaded, _ = load_model(path, "tokenizer")
     assert torch.equal(loaded.eval().encode(images(2)), tiny.encode(images(2)))
 
 
@@ -1898,8 +1900,8 @@ def test_a_checkpoint_that_does_not_fit_or_is_missing_gets_one_line(tmp_path, ti
     """Issue 15, fault 4: missing, unexpected and misshapen tensors -> exit 2 with counts and the first
     names (not kilobytes of keys); a missing file -> the train.py command that writes it, --out-dir included."""
     path = str(tmp_path / "tokenizer.pt")
-    tf.save_checkpoint(path, "tokenizer", TINY, tiny)
-    ckpt = tf.load_checkpoint(path)
+    save_checkpoint(path, "tokenizer", TINY, tiny)
+    ckpt = load_checkpoint(path)
     names = list(ckpt["model"])
     for k in names[:5]:
         del ckpt["model"][k]
@@ -1991,11 +1993,11 @@ def tiny_out_dir(out):
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     tokenizer, classes = tf.TokenFlow(TINY).eval(), ShapesDataset.classes
-    tf.save_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer", TINY, tokenizer, classes=classes)
+    save_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer", TINY, tokenizer, classes=classes)
     gpt_cfg = replace(GPT_TINY, num_classes=8, depth=1)
-    tf.save_checkpoint(os.path.join(out, "gpt.pt"), "gpt", gpt_cfg, tf.GPT(gpt_cfg, tokenizer),
-                       tokenizer_config=asdict(TINY), tokenizer_id=tf.tokenizer_id(tokenizer), classes=classes)
-    tf.save_checkpoint(os.path.join(out, "teacher.pt"), "teacher", TINY, tf.Teacher(TINY, 8), num_classes=8,
+    save_checkpoint(os.path.join(out, "gpt.pt"), "gpt", gpt_cfg, tf.GPT(gpt_cfg, tokenizer),
+                       tokenizer_config=asdict(TINY), tokenizer_id=tokenizer_id(tokenizer), classes=classes)
+    save_checkpoint(os.path.join(out, "teacher.pt"), "teacher", TINY, tf.Teacher(TINY, 8), num_classes=8,
                        classes=classes)
 
 
@@ -2016,7 +2018,7 @@ def test_no_flag_answers_hostile_values_with_a_traceback(name, tmp_path, monkeyp
     if name == "train":
         os.makedirs(out)
         toy = tf.PRESETS["toy"]["tokenizer"]
-        tf.save_checkpoint(os.path.join(out, "teacher.pt"), "teacher", toy, tf.Teacher(toy, 8), num_classes=8,
+        save_checkpoint(os.path.join(out, "teacher.pt"), "teacher", toy, tf.Teacher(toy, 8), num_classes=8,
                            classes=ShapesDataset.classes)
     else:
         tiny_out_dir(out)

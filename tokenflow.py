@@ -1,7 +1,8 @@
 """
 TokenFlow, minimal: an image tokenizer whose one grid of indices serves both understanding
 (semantic codes) and generation (pixel codes). All model code lives in this file, in the
-order data flows through it.
+order data flows through it; files (CLIP's weights, checkpoints) are read and written by
+data/weights.py and data/checkpoints.py.
 
 Notable choices
 - Two encoders: a ViT initialised from a teacher (CLIP for TokenFlow-B, a toy ViT trained on
@@ -34,15 +35,8 @@ References
    nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
 """
 
-import hashlib
-import io
 import math
-import os
-import pickle
-import re
-import shlex
-import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -773,6 +767,11 @@ class GPT(nn.Module):
         return torch.cat(out, dim=1)  # (B, L)
 
 
+def gpt_loss(logits_BLK, idx_BL):
+    """Next-scale prediction's loss: cross-entropy of every token given the scales before it."""
+    return F.cross_entropy(logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
+
+
 # ---------------------------------------------------------------------------------------------
 # The judge: the classifier that scores generated images on a labelled toy dataset
 
@@ -869,246 +868,15 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLIP weights: OpenAI's checkpoint (a TorchScript archive as distributed, or a plain state dict)
-# read without running any of its code, mapped onto the ViT above
-
-
-class ScriptObject:
-    """Stands in for a TorchScript module while unpickling: it keeps the attributes, runs nothing."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class ScriptWeightsUnpickler(pickle.Unpickler):
-    """The data.pkl of a TorchScript archive -> its object tree with tensors. Allowed: module objects
-    (as ScriptObject), tensors whose bytes come from the archive, OrderedDict; nothing else."""
-
-    DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-              "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-              "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
-
-    def __init__(self, zf, root):
-        super().__init__(io.BytesIO(zf.read(f"{root}/data.pkl")))
-        self.zf, self.root = zf, root
-
-    def find_class(self, module, name):
-        if module == "__torch__" or module.startswith("__torch__."):
-            return ScriptObject
-        if module == "torch" and name in self.DTYPES:
-            return self.DTYPES[name]
-        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor, ("collections", "OrderedDict"): dict}
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} has no place in a weights file")
-        return allowed[(module, name)]
-
-    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel): the bytes of one storage
-        _, dtype, key, _, numel = pid
-        return torch.frombuffer(bytearray(self.zf.read(f"{self.root}/data/{key}")), dtype=dtype)[:numel]
-
-
-def rebuild_tensor(storage, offset, size, stride, *_):
-    return storage.as_strided(size, stride, offset)
-
-
-def named_tensors(obj, prefix=""):
-    """A ScriptObject tree -> {dotted name: tensor}, the keys a state_dict would have."""
-    out = {}
-    for k, v in (obj.state if isinstance(obj, ScriptObject) else obj).items():
-        if isinstance(v, torch.Tensor):
-            out[prefix + k] = v
-        elif isinstance(v, (ScriptObject, dict)):
-            out.update(named_tensors(v, f"{prefix}{k}."))
-    return out
-
-
-def read_weights(path):
-    """A weights file -> {name: tensor} without running code from it: a TorchScript archive is
-    unpickled by ScriptWeightsUnpickler, anything else by torch.load(weights_only=True)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if any(n.endswith("/constants.pkl") for n in names):  # what marks TorchScript
-                root = names[0].split("/")[0]
-                return unwrapped(named_tensors(ScriptWeightsUnpickler(zf, root).load()))
-    sd = load_checkpoint(path)  # torch.load(weights_only=True), with its clear errors
-    return unwrapped(sd.get("state_dict", sd))
-
-
-def resize_positions(pos_1ND, grid):
-    """Position embeddings (1 + g*g, D) -> (1 + grid*grid, D): the class token's kept, the g x g patch
-    grid bicubic-resized, so CLIP at 224 px (14 x 14) can run at 256 px (16 x 16), as the
-    official --infer_interpolate."""
-    g = math.isqrt(pos_1ND.shape[0] - 1)
-    if g == grid:
-        return pos_1ND
-    patches = pos_1ND[1:].T.reshape(1, -1, g, g)  # (1, D, g, g)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos_1ND[:1], patches.reshape(-1, grid * grid).T])
-
-
-def load_clip(path, grid=None):
-    """OpenAI CLIP weights (ViT-B/16 or any other ViT) -> our ViT with QuickGELU; sizes come from the
-    tensor shapes, and grid (default: CLIP's own) resizes the position embeddings. Called on
-    CLIP-normalised images it returns the patch tokens after ln_post (B, N, width); its extra
-    `proj` (Linear, no bias) maps them to CLIP's embedding space."""
-    sd = {k[len("visual."):]: v.float() for k, v in read_weights(path).items()
-          if k.startswith("visual.") and isinstance(v, torch.Tensor)}
-    lacks = [f"visual.{k}" for k in ("conv1.weight", "positional_embedding", "proj", "transformer.resblocks.0.ln_1.weight")
-             if k not in sd]
-    if lacks:
-        raise ValueError(f"{path} has no {', '.join(lacks)}: not a CLIP checkpoint with a ViT image encoder")
-    width, _, patch, _ = sd["conv1.weight"].shape
-    grid = grid or math.isqrt(sd["positional_embedding"].shape[0] - 1)
-    sd["positional_embedding"] = resize_positions(sd["positional_embedding"], grid)
-    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
-    vit = ViT(3, patch, grid, width, depth, width // 64, quick_gelu=True)  # CLIP: 64-d heads
-    ours = {k: k for k in ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight",
-                           "ln_pre.bias", "ln_post.weight", "ln_post.bias")}  # our name -> CLIP's
-    names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-             "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
-             "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias", "mlp.c_proj.weight": "mlp.2.weight",
-             "mlp.c_proj.bias": "mlp.2.bias", "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
-             "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias"}
-    for i in range(depth):
-        ours.update({f"blocks.{i}.{b}": f"transformer.resblocks.{i}.{a}" for a, b in names.items()})
-    # a missing or misshapen tensor stops here, named
-    vit.load_state_dict(matching_weights(vit, {k: sd[c] for k, c in ours.items() if c in sd}, f"CLIP weights {path}"))
-    vit.proj = nn.Linear(width, sd["proj"].shape[1], bias=False)
-    vit.proj.weight.data.copy_(sd["proj"].T)  # CLIP applies x @ proj
-    return vit
-
-
-def clip_teacher(path, cfg):
-    """CLIP weights as a Teacher for cfg (position embeddings resized to cfg.grid); the ViT sizes
-    come from the weights and must be the preset's (ValueError naming both otherwise)."""
-    vit = load_clip(path, grid=cfg.grid)
-    found = {"patch_size": vit.conv1.kernel_size[0], "vit_width": len(vit.class_embedding),
-             "vit_depth": len(vit.blocks), "vit_heads": vit.blocks[0].attn.heads,
-             "teacher_dim": vit.proj.out_features, "vit_stem_ch": 0, "vit_quick_gelu": True}
-    diff = [f"{k} = {v} vs {getattr(cfg, k)}" for k, v in found.items() if v != getattr(cfg, k)]
-    if diff:
-        raise ValueError(f"CLIP weights {path} vs the preset differ in {'; '.join(diff)} (CLIP vs preset)")
-    teacher = Teacher(cfg)
-    teacher.proj.load_state_dict(vit.proj.state_dict())
-    del vit.proj
-    teacher.vit.load_state_dict(vit.state_dict())
-    return teacher
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors and primitives, so torch.load(weights_only=True) reads them
-
-
-def save_checkpoint(path, kind, config, model, step=0, **extra):
-    """Write {kind, config, model, step, **extra} atomically: a temporary file, fsync, rename."""
-    ckpt = {"kind": kind, "config": asdict(config), "model": model.state_dict(), "step": step, **extra}
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
-
-
-MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "judge.pt": "--stage judge",
-           "gpt.pt": "--stage gpt",
-           "decoder.pt": "--stage tokenizer --finetune-decoder --enhanced-decoder"}  # train.py's files and flags
-
-
-def missing_file_hint(path, kind):
-    """What to do about a checkpoint that is not there: the train.py command that writes it."""
-    out_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
-    if name in MADE_BY:
-        return f"train it first: python train.py {MADE_BY[name]} --out-dir {shlex.quote(out_dir)}"
-    if kind in ("teacher", "tokenizer", "judge", "gpt"):
-        return f"check the path (python train.py --stage {kind} --out-dir DIR writes DIR/{kind}.pt)"
-    return "check the path"
-
-
-def load_checkpoint(path, kind=None):
-    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer', 'judge', 'gpt'),
-    check it."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}; {missing_file_hint(path, kind)}") from None
-    except OSError as e:  # a folder, no permission, ...
-        raise FileNotFoundError(f"cannot read {path} ({type(e).__name__}: {e.strerror}); give a checkpoint file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        lines = [line for line in str(e).splitlines() if line.strip()] or ["empty or cut short"]
-        why = next((line for line in lines if line.startswith("Unsupported")), lines[0])  # torch's says which
-        raise ValueError(f"{path} is not a checkpoint this code can read safely ({type(e).__name__}: {why}); it is "
-                         "not a file of train.py, is corrupt, or holds more than tensors and plain values") from None
-    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} holds a {found!r} checkpoint, expected {kind!r}"
-                         + ("; it is not a checkpoint of train.py (a bare state dict?)" if found is None else ""))
-    if kind is not None and not {"config", "model"} <= ckpt.keys():
-        raise ValueError(f"{path} lacks {sorted({'config', 'model'} - ckpt.keys())}: not a whole checkpoint of train.py")
-    return ckpt
-
-
-def unwrapped(state_dict):
-    """Names without the prefixes that wrappers add to the same weights: DDP's 'module.' in front,
-    torch.compile's '_orig_mod.' in front of the module it compiled (nanoGPT strips the same)."""
-    return {re.sub(r"^(module\.)+", "", k).replace("_orig_mod.", ""): v for k, v in state_dict.items()}
-
-
-def matching_weights(model, state_dict, source):
-    """A state dict checked against a model (wrapper prefixes stripped) -> the dict to load. Missing,
-    unexpected or misshapen tensors -> ValueError: their counts and the first few names."""
-    sd, own = unwrapped(state_dict), model.state_dict()
-    shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-    problems = {"missing": [k for k in own if k not in sd], "unexpected": [k for k in sd if k not in own],
-                "misshapen": [f"{k} {shape(sd[k])} vs {shape(own[k])}" for k in own if k in sd
-                              and shape(sd[k]) != shape(own[k])]}
-    if any(problems.values()):
-        found = "; ".join(f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                          for what, v in problems.items() if v)
-        raise ValueError(f"{source} does not fit a {type(model).__name__} of its config: {found}; it was saved by "
-                         "other code or for other sizes")
-    return sd
-
-
-def tokenizer_id(tokenizer):
-    """SHA-256 of what decides the ids: both encoders and the codebook (not the decoders, so a
-    finetuned decoder keeps its token files and GPT)."""
-    h = hashlib.sha256()
-    for name, t in sorted(tokenizer.state_dict().items()):
-        if name.startswith(("sem_enc", "pix_enc", "codebook")):
-            h.update(name.encode())
-            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_model(path, kind, tokenizer=None):
-    """Rebuild a 'teacher', 'tokenizer', 'judge' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
-    with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
-    whose codebook size and scales must match."""
-    ckpt = load_checkpoint(path, kind)
-    if kind == "gpt":
-        theirs = config_from_dict(TokenizerConfig, ckpt["tokenizer_config"])
-        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
-                ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
-        if diff:
-            raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
-                             "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
-        if ckpt.get("tokenizer_id", tokenizer_id(tokenizer)) != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
-            raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
-                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
-                             "DIR/tokenizer.pt being it)")
-        model = GPT(config_from_dict(GPTConfig, ckpt["config"]), tokenizer)
-    else:
-        cfg = config_from_dict(TokenizerConfig, ckpt["config"])
-        model = {"teacher": lambda: Teacher(cfg, ckpt["num_classes"]), "judge": lambda: Judge(ckpt["num_classes"], ckpt["none_class"], ckpt["width"]),
-                 "tokenizer": lambda: TokenFlow(cfg)}[kind]()
-    model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
-    return model, ckpt
-
-
-# ---------------------------------------------------------------------------------------------
 # Presets
+
+
+def enhanced_decoder(cfg):
+    """TokenFlow's enhanced pixel decoder, defined relative to the base one: "double both the number
+    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and 4 res
+    blocks per level, the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
+    return replace(cfg, pix_dec_ch=2 * cfg.pix_dec_ch, pix_dec_res_blocks=2 * cfg.pix_dec_res_blocks)
+
 
 PRESETS = {
     # CPU toy: 32 px shapes, an 8x8 grid, a 4-layer toy teacher; trains in minutes on 2 cores

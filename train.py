@@ -7,9 +7,10 @@ scores generated images), then the next-scale GPT.
     python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
 
 Read top to bottom: per-stage defaults, helpers, the stages with their losses, the one training
-loop they share, its fault handling, DDP, main. A stage's checkpoint holds all it needs (config,
-weights, optimiser, args): sample.py, evaluate.py and later stages rebuild models from it alone.
-Under torchrun every process runs this file; rank 0 logs and writes.
+loop they share, DDP, main; the loop's EMA, checkpoints, faults and signals are data/checkpoints.py's.
+A stage's checkpoint holds all it needs (config, weights, optimiser, args): sample.py, evaluate.py
+and later stages rebuild models from it alone. Under torchrun every process runs this file; rank 0
+logs and writes.
 """
 
 import argparse
@@ -17,8 +18,6 @@ import json
 import math
 import os
 import shlex
-import signal
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +32,8 @@ from tqdm import tqdm
 import tokenflow as tf
 from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
                   resolve_data_path)
+from data.checkpoints import (EMA, BadSteps, Checkpoints, Interrupt, NonFiniteLoss, load_checkpoint, load_model,
+                              matching_weights, save_checkpoint, stop_on_signal, tokenizer_id)
 from data.checks import SEED, check_classes, check_device, check_folder, check_numbers, run_script
 from data.folders import save_grid
 from data.shapes import ShapesDataset
@@ -85,13 +86,6 @@ NUMBERS = {  # what each numeric flag must be, checked when the command line is 
     "lr": (lambda v: v > 0, "> 0 (a finite number)"), "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "disc_weight": (lambda v: v >= 0, ">= 0 (a finite number)"),
 }
-
-
-def enhanced_decoder(cfg):
-    """TokenFlow's enhanced pixel decoder, defined relative to the base one: "double both the number
-    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and 4 res
-    blocks per level, the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
-    return replace(cfg, pix_dec_ch=2 * cfg.pix_dec_ch, pix_dec_res_blocks=2 * cfg.pix_dec_res_blocks)
 
 
 def get_args(argv=None):
@@ -295,7 +289,7 @@ def train_teacher(args, cfg):
     net = wrap(args, teacher)
 
     def save_fn(step, state):
-        tf.save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
+        save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
                            num_classes=teacher.num_classes, classes=data.classes, args=vars(args), **state)
 
     return train_loop(args, "teacher", teacher, net, list(teacher.parameters()), data,
@@ -376,8 +370,8 @@ def pixel_losses(args, iters, lr, path):
         disc = tf.PatchDiscriminator().to(args.device)
     gan = GAN(disc, wrap(args, DiscriminatorLoss(disc)), torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),
               args.disc_weight, args.adaptive_disc_weight)  # VQGAN's discriminator betas
-    if args.resume and os.path.exists(path) and "disc" in (ckpt := tf.load_checkpoint(path, "tokenizer")):
-        disc.load_state_dict(tf.matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
+    if args.resume and os.path.exists(path) and "disc" in (ckpt := load_checkpoint(path, "tokenizer")):
+        disc.load_state_dict(matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
         gan.opt.load_state_dict(ckpt["disc_optimizer"])
     return lpips, gan
 
@@ -408,7 +402,7 @@ def train_tokenizer(args, cfg):
         return loss, {**log, **d_stats, "usage": stats["usage"].item()}
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
+        save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
                            **(gan.state() if gan else {}))
 
     return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()), data, loss_fn,
@@ -427,7 +421,7 @@ def finetune_decoder(args, cfg):
     frozen, a pixel decoder of cfg's size (the trained one when the sizes agree, else a new one)
     trained on the pixel losses of the inference-time features (all scales) -> OUT_DIR/decoder.pt,
     a whole tokenizer with the same ids, so token files and GPT stay valid."""
-    trained, _ = tf.load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    trained, _ = load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
     diff = tf.config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
     if diff:
         raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
@@ -441,8 +435,8 @@ def finetune_decoder(args, cfg):
     tokenizer = tokenizer.to(args.device).requires_grad_(False)
     tokenizer.pix_dec.requires_grad_(True)
     net, path, hp = wrap(args, tokenizer.pix_dec), os.path.join(args.out_dir, "decoder.pt"), stage_hparams(args, "decoder")
-    resumed = args.resume and os.path.exists(path) and tf.load_model(path, "tokenizer")[0]
-    if resumed and tf.tokenizer_id(resumed) != tf.tokenizer_id(trained):
+    resumed = args.resume and os.path.exists(path) and load_model(path, "tokenizer")[0]
+    if resumed and tokenizer_id(resumed) != tokenizer_id(trained):
         raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
                          "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
     lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
@@ -461,7 +455,7 @@ def finetune_decoder(args, cfg):
     data = dataset(args, cfg.image_size, "train")
 
     def save_fn(step, state):
-        tf.save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
+        save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
                            **(gan.state() if gan else {}))
 
     return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()), data, loss_fn,
@@ -476,7 +470,7 @@ def finetune_decoder(args, cfg):
 def trained_tokenizer(args, cfg):
     """OUT_DIR/tokenizer.pt, frozen on the device, checked against the preset's config cfg."""
     path = os.path.join(args.out_dir, "tokenizer.pt")
-    tokenizer, _ = tf.load_model(path, "tokenizer")
+    tokenizer, _ = load_model(path, "tokenizer")
     diff = tf.config_diff(tokenizer.cfg, cfg)
     if diff:
         raise ValueError(f"tokenizer {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
@@ -490,7 +484,7 @@ def token_file(args, tokenizer, split):
     """A split tokenized once into OUT_DIR/tokens/ (data.token_file), reused while the tokenizer's
     encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
     data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
-    meta = {"tokenizer_id": tf.tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
+    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
             "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
             "dtype": args.dtype}  # (classes: a label is an index into them)
 
@@ -532,7 +526,7 @@ def train_judge(args, cfg):
     net = wrap(args, judge)
 
     def save_fn(step, state):
-        tf.save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
+        save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
                            num_classes=judge.num_classes, none_class=none_class, width=sizes["width"], args=vars(args),
                            **state)
 
@@ -546,7 +540,7 @@ def train_judge(args, cfg):
 def trained_judge(args, classes):
     """OUT_DIR/judge.pt on the device, checked against the run's classes."""
     path = os.path.join(args.out_dir, "judge.pt")
-    judge, ckpt = tf.load_model(path, "judge")
+    judge, ckpt = load_model(path, "judge")
     check_classes(ckpt.get("classes"), classes, f"judge {path}", "train the judge on this data (python train.py "
                   f"--stage judge --out-dir {shlex.quote(args.out_dir)})")
     return judge.to(args.device).eval()
@@ -554,11 +548,6 @@ def trained_judge(args, classes):
 
 # ---------------------------------------------------------------------------------------------
 # Stage 4: the next-scale GPT, on the tokenizer's ids
-
-
-def gpt_loss(logits_BLK, idx_BL):
-    """Next-scale prediction's loss: cross-entropy of every token given the scales before it."""
-    return F.cross_entropy(logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
 
 
 def evaluate_gpt_stage(args, gpt, tokenizer, val):
@@ -576,8 +565,8 @@ def evaluate_gpt_stage(args, gpt, tokenizer, val):
 def train_gpt(args, tok_cfg, gpt_cfg):
     tokenizer_path, tokenizer = os.path.join(args.out_dir, "tokenizer.pt"), trained_tokenizer(args, tok_cfg)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
-    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tf.tokenizer_id(tokenizer)
-    trained_on = tf.load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
+    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
+    trained_on = load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
     if trained_on != tid:
         raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
                          f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
@@ -595,11 +584,11 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     net = wrap(args, gpt)
 
     def save_fn(step, state):
-        tf.save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
+        save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
                            tokenizer_id=tid, classes=classes, args=vars(args), **state)
 
     row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
-                     lambda idx, y, _: (gpt_loss(net(idx, y), idx), {}),
+                     lambda idx, y, _: (tf.gpt_loss(net(idx, y), idx), {}),
                      lambda: evaluate_gpt_stage(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
     teacher = teacher_for(args, tok_cfg)  # (every rank: it waits for rank 0)
     if judge is None and teacher.head is None:  # CLIP: nothing here classifies images
@@ -626,13 +615,14 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
     micro-batches -> clip -> step -> EMA -> one log line. model is the raw module (saved, evaluated),
     net what loss_fn calls (compiled / DDP); loss_fn(x, y, step) -> (loss, dict of floats);
     eval_fn() -> dict; save_fn(step, state) saves the model with the loop's state. Faults (a
-    non-finite step, SIGINT / SIGTERM) are handled by the helpers below."""
+    non-finite step, SIGINT / SIGTERM) are handled by data/checkpoints.py's helpers."""
     hp = stage_hparams(args, stage)
     opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.95), weight_decay=weight_decay,
                             fused=args.device.startswith("cuda"))  # betas as TokenFlow
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
     ema = EMA(model, hp["ema"]) if hp["ema"] > 0 else None
-    checkpoints = Checkpoints(args, stage, model, opt, scaler, ema, save_fn, eval_fn)
+    checkpoints = Checkpoints(args.out_dir, stage, model, opt, scaler, ema, save_fn, eval_fn, args.device, is_main(args),
+                              log=lambda text: log(args, text), log_row=lambda row: log_metrics(args, row))
     first = step = checkpoints.resume() if args.resume else 0
     faults = BadSteps(stage, checkpoints)
     batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, rank=args.rank,
@@ -664,7 +654,7 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
                 ema.update(model, step)
             bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
             if stop:
-                stop_on_signal(args, stage, step + 1, hp["iters"], interrupt, checkpoints, faults)
+                stop_on_signal(step + 1, hp["iters"], args.eval_interval, interrupt, checkpoints, faults)
     row = {"stage": stage, "step": hp["iters"], "split": "val", **checkpoints.evaluate(),
            "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
     log_metrics(args, row)
@@ -696,160 +686,6 @@ def agree(args, shown, finite, interrupt):
     summed = dict(zip([*shown, *flags], all_sum(torch.tensor([*shown.values(), *flags.values()],
                                                              dtype=torch.float64)).tolist()))
     return {k: summed[k] / args.world_size for k in shown}, summed["bad"] > 0, summed["stop"] > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop's helpers: EMA, checkpoints and resume, faults and signals
-
-
-class EMA:
-    """Weights averaged over steps (as VAR and LlamaGen): w_ema <- d w_ema + (1 - d) w, with d warmed up
-    as min(decay, (1+t)/(10+t)) so short runs do not sit at the init. Evaluation and sampling use it."""
-
-    def __init__(self, model, decay):
-        self.decay, self.weights = decay, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model, step):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.weights[k].lerp_(v, 1 - d)
-            else:
-                self.weights[k].copy_(v)  # integer buffers (counters) are copied
-
-    @contextmanager
-    def applied(self, model):
-        """Within the block the model holds the averaged weights."""
-        raw = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.weights)
-        try:
-            yield
-        finally:
-            model.load_state_dict(raw)
-
-
-class Checkpoints:
-    """A stage's checkpoint: the model with the loop's state (optimiser, scaler, RNG, EMA), written
-    by rank 0, read back by resume; and the evaluation rows that go with it."""
-
-    def __init__(self, args, stage, model, opt, scaler, ema, save_fn, eval_fn):
-        self.args, self.stage, self.model, self.opt, self.scaler, self.ema = args, stage, model, opt, scaler, ema
-        self.save_fn, self.eval_fn, self.path, self.saved = save_fn, eval_fn, os.path.join(args.out_dir, f"{stage}.pt"), None
-
-    def evaluate(self):
-        with self.ema.applied(self.model) if self.ema else nullcontext():
-            return self.eval_fn()
-
-    def save(self, step):
-        args = self.args
-        if is_main(args):
-            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(args.device)} if args.device.startswith("cuda") else {}
-            self.save_fn(step, {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                                "rng": torch.get_rng_state(), **cuda_rng, **({"ema": self.ema.weights} if self.ema else {})})
-        self.saved = step
-        barrier()  # the next stage of every rank reads this file
-
-    def evaluate_and_save(self, step, save=True):
-        log_metrics(self.args, {"stage": self.stage, "step": step, "split": "val", **self.evaluate()})
-        if save:  # (a run of skipped steps keeps the last good checkpoint as it is)
-            self.save(step)
-
-    def resume(self):
-        """Load the stage's checkpoint into the model and the loop's state -> the step to continue from."""
-        args, path = self.args, self.path
-        if not os.path.exists(path):
-            log(args, f"{self.stage}: --resume given but there is no {path}; starting from step 0")
-            return 0
-        ckpt = tf.load_checkpoint(path, "tokenizer" if self.stage == "decoder" else self.stage)
-        diff = tf.config_diff(tf.config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
-        if diff:
-            raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
-                             f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
-        if "optimizer" not in ckpt:
-            raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another "
-                             "--out-dir")
-        self.model.load_state_dict(tf.matching_weights(self.model, ckpt["model"], path))
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None:
-            ema = tf.matching_weights(self.model, ckpt.get("ema", ckpt["model"]), f"{path} (EMA)")
-            self.ema.weights = {k: v.to(args.device) for k, v in ema.items()}
-        if "rng" in ckpt:  # scale drop, class drop and augmentation continue as if never stopped
-            torch.set_rng_state(ckpt["rng"])
-        if "cuda_rng" in ckpt and args.device.startswith("cuda"):
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], args.device)
-        log(args, f"{self.stage}: resumed from {path} at step {ckpt['step']}")
-        self.saved = ckpt["step"]
-        return ckpt["step"]
-
-    def where(self):
-        return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class BadSteps:
-    """Steps skipped for a non-finite loss or gradient: counted, and 10 in a row stop the run
-    without saving (the last good checkpoint stays as it was)."""
-
-    def __init__(self, stage, checkpoints):
-        self.stage, self.checkpoints, self.total, self.in_a_row = stage, checkpoints, 0, 0
-
-    def ok(self):
-        self.in_a_row = 0
-
-    def skip(self, step):
-        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
-        log(self.checkpoints.args, f"{self.stage}: step {step}: non-finite loss or gradient, step skipped "
-                                   f"({self.total} so far)")
-        if self.in_a_row == 10:
-            raise NonFiniteLoss(f"{self.stage}: 10 non-finite losses in a row (steps {step - 9}-{step}); stopped "
-                                f"without saving; {self.checkpoints.where()}. Lower --lr or check the data, then --resume")
-
-
-class Interrupt:
-    """Within the block, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) are remembered rather than
-    acted on at once, so the training loop can finish the step, write a checkpoint and exit."""
-
-    def __enter__(self):
-        self.signal, self.previous = None, {}
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            self.previous = {s: signal.signal(s, self.remember) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def remember(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now, the usual way
-            self.restore()
-            signal.raise_signal(signum)
-        self.signal = signum
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
-
-    def __exit__(self, *exc):
-        self.restore()
-        if self.signal is not None and exc[0] is None:  # arrived after the last step's check: act on it now
-            signal.raise_signal(self.signal)
-
-
-def stop_on_signal(args, stage, step, iters, interrupt, checkpoints, faults):
-    """After a step in which any rank got SIGINT / SIGTERM: the evaluation row a resume would skip,
-    a checkpoint (unless the last steps were bad), and exit 128 + signal."""
-    signum, interrupt.signal = interrupt.signal or signal.SIGTERM, None  # (another rank's)
-    if step % args.eval_interval == 0 and step < iters:
-        log_metrics(args, {"stage": stage, "step": step, "split": "val", **checkpoints.evaluate()})
-    if faults.in_a_row == 0:
-        checkpoints.save(step)
-    written = f"checkpoint written to {checkpoints.path}" if faults.in_a_row == 0 else checkpoints.where()
-    log(args, f"{stage}: {signal.Signals(signum).name} at step {step}: {written}; "
-              "run the same command with --resume to continue")
-    raise SystemExit(128 + signum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,7 +747,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
     cfg = replace(cfg, **CODEBOOKS[args.codebook], codebook_size=args.codebook_size or cfg.codebook_size)
-    cfg = enhanced_decoder(cfg) if args.enhanced_decoder else cfg
+    cfg = tf.enhanced_decoder(cfg) if args.enhanced_decoder else cfg
     run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
            "decoder": lambda: finetune_decoder(args, cfg), "judge": lambda: train_judge(args, cfg),
            "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}

@@ -1,0 +1,290 @@
+"""
+Checkpoints: the files train.py writes and every script reads back. A checkpoint is a plain dict of
+tensors and primitives ({kind, config, model, step, ...}), so torch.load(weights_only=True) reads it
+without running any code; load_model rebuilds a model of tokenflow.py from its checkpoint alone.
+The second half serves train.py's loop: the EMA weights a checkpoint keeps, the state that resumes
+a run exactly, and what a non-finite step or a signal (SIGINT, SIGTERM) does to the checkpoint.
+"""
+
+import hashlib
+import os
+import pickle
+import re
+import shlex
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+
+import torch
+
+import tokenflow as tf
+from data import barrier
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files: written atomically, read without running code, models rebuilt from them alone
+
+
+def save_checkpoint(path, kind, config, model, step=0, **extra):
+    """Write {kind, config, model, step, **extra} atomically: a temporary file, fsync, rename."""
+    ckpt = {"kind": kind, "config": asdict(config), "model": model.state_dict(), "step": step, **extra}
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
+
+
+MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "judge.pt": "--stage judge",
+           "gpt.pt": "--stage gpt",
+           "decoder.pt": "--stage tokenizer --finetune-decoder --enhanced-decoder"}  # train.py's files and flags
+
+
+def missing_file_hint(path, kind):
+    """What to do about a checkpoint that is not there: the train.py command that writes it."""
+    out_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
+    if name in MADE_BY:
+        return f"train it first: python train.py {MADE_BY[name]} --out-dir {shlex.quote(out_dir)}"
+    if kind in ("teacher", "tokenizer", "judge", "gpt"):
+        return f"check the path (python train.py --stage {kind} --out-dir DIR writes DIR/{kind}.pt)"
+    return "check the path"
+
+
+def load_checkpoint(path, kind=None):
+    """Read a checkpoint without running any code; if kind is given ('teacher', 'tokenizer', 'judge', 'gpt'),
+    check it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}; {missing_file_hint(path, kind)}") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise FileNotFoundError(f"cannot read {path} ({type(e).__name__}: {e.strerror}); give a checkpoint file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        lines = [line for line in str(e).splitlines() if line.strip()] or ["empty or cut short"]
+        why = next((line for line in lines if line.startswith("Unsupported")), lines[0])  # torch's says which
+        raise ValueError(f"{path} is not a checkpoint this code can read safely ({type(e).__name__}: {why}); it is "
+                         "not a file of train.py, is corrupt, or holds more than tensors and plain values") from None
+    if not isinstance(ckpt, dict) or (kind is not None and ckpt.get("kind") != kind):
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} holds a {found!r} checkpoint, expected {kind!r}"
+                         + ("; it is not a checkpoint of train.py (a bare state dict?)" if found is None else ""))
+    if kind is not None and not {"config", "model"} <= ckpt.keys():
+        raise ValueError(f"{path} lacks {sorted({'config', 'model'} - ckpt.keys())}: not a whole checkpoint of train.py")
+    return ckpt
+
+
+def unwrapped(state_dict):
+    """Names without the prefixes that wrappers add to the same weights: DDP's 'module.' in front,
+    torch.compile's '_orig_mod.' in front of the module it compiled (nanoGPT strips the same)."""
+    return {re.sub(r"^(module\.)+", "", k).replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+def matching_weights(model, state_dict, source):
+    """A state dict checked against a model (wrapper prefixes stripped) -> the dict to load. Missing,
+    unexpected or misshapen tensors -> ValueError: their counts and the first few names."""
+    sd, own = unwrapped(state_dict), model.state_dict()
+    shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+    problems = {"missing": [k for k in own if k not in sd], "unexpected": [k for k in sd if k not in own],
+                "misshapen": [f"{k} {shape(sd[k])} vs {shape(own[k])}" for k in own if k in sd
+                              and shape(sd[k]) != shape(own[k])]}
+    if any(problems.values()):
+        found = "; ".join(f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                          for what, v in problems.items() if v)
+        raise ValueError(f"{source} does not fit a {type(model).__name__} of its config: {found}; it was saved by "
+                         "other code or for other sizes")
+    return sd
+
+
+def tokenizer_id(tokenizer):
+    """SHA-256 of what decides the ids: both encoders and the codebook (not the decoders, so a
+    finetuned decoder keeps its token files and GPT)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tokenizer.state_dict().items()):
+        if name.startswith(("sem_enc", "pix_enc", "codebook")):
+            h.update(name.encode())
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(path, kind, tokenizer=None):
+    """Rebuild a 'teacher', 'tokenizer', 'judge' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
+    with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
+    whose codebook size and scales must match."""
+    ckpt = load_checkpoint(path, kind)
+    if kind == "gpt":
+        theirs = tf.config_from_dict(tf.TokenizerConfig, ckpt["tokenizer_config"])
+        diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
+                ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
+        if diff:
+            raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
+                             "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
+        if ckpt.get("tokenizer_id", tokenizer_id(tokenizer)) != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
+            raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
+                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
+                             "DIR/tokenizer.pt being it)")
+        model = tf.GPT(tf.config_from_dict(tf.GPTConfig, ckpt["config"]), tokenizer)
+    else:
+        cfg = tf.config_from_dict(tf.TokenizerConfig, ckpt["config"])
+        model = {"teacher": lambda: tf.Teacher(cfg, ckpt["num_classes"]), "tokenizer": lambda: tf.TokenFlow(cfg),
+                 "judge": lambda: tf.Judge(ckpt["num_classes"], ckpt["none_class"], ckpt["width"])}[kind]()
+    model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
+    return model, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's checkpoint (train.py's loop): EMA weights, the state that resumes the run exactly,
+# and what a non-finite step or a signal does to it
+
+
+class EMA:
+    """Weights averaged over steps (as VAR and LlamaGen): w_ema <- d w_ema + (1 - d) w, with d warmed up
+    as min(decay, (1+t)/(10+t)) so short runs do not sit at the init. Evaluation and sampling use it."""
+
+    def __init__(self, model, decay):
+        self.decay, self.weights = decay, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.weights[k].lerp_(v, 1 - d)
+            else:
+                self.weights[k].copy_(v)  # integer buffers (counters) are copied
+
+    @contextmanager
+    def applied(self, model):
+        """Within the block the model holds the averaged weights."""
+        raw = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        try:
+            yield
+        finally:
+            model.load_state_dict(raw)
+
+
+class Checkpoints:
+    """A stage's checkpoint, OUT_DIR/<stage>.pt: the model with the loop's state (optimiser, scaler,
+    RNG, EMA), written by rank 0 (main) through save_fn(step, state), read back by resume; and the
+    evaluation rows that go with it (eval_fn() -> dict). log(text) and log_row(row) report."""
+
+    def __init__(self, out_dir, stage, model, opt, scaler, ema, save_fn, eval_fn, device="cpu", main=True,
+                 log=print, log_row=print):
+        self.stage, self.model, self.opt, self.scaler, self.ema = stage, model, opt, scaler, ema
+        self.save_fn, self.eval_fn, self.device, self.main = save_fn, eval_fn, device, main
+        self.log, self.log_row = log, log_row
+        self.path, self.saved = os.path.join(out_dir, f"{stage}.pt"), None
+
+    def evaluate(self):
+        with self.ema.applied(self.model) if self.ema else nullcontext():
+            return self.eval_fn()
+
+    def save(self, step):
+        if self.main:
+            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.startswith("cuda") else {}
+            self.save_fn(step, {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                                "rng": torch.get_rng_state(), **cuda_rng, **({"ema": self.ema.weights} if self.ema else {})})
+        self.saved = step
+        barrier()  # the next stage of every rank reads this file
+
+    def evaluate_and_save(self, step, save=True):
+        self.log_row({"stage": self.stage, "step": step, "split": "val", **self.evaluate()})
+        if save:  # (a run of skipped steps keeps the last good checkpoint as it is)
+            self.save(step)
+
+    def resume(self):
+        """Load the stage's checkpoint into the model and the loop's state -> the step to continue from."""
+        path = self.path
+        if not os.path.exists(path):
+            self.log(f"{self.stage}: --resume given but there is no {path}; starting from step 0")
+            return 0
+        ckpt = load_checkpoint(path, "tokenizer" if self.stage == "decoder" else self.stage)  # (decoder.pt: a tokenizer)
+        diff = tf.config_diff(tf.config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
+        if diff:
+            raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
+                             f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")
+        if "optimizer" not in ckpt:
+            raise ValueError(f"cannot resume from {path}: it holds no optimiser state; drop --resume or use another "
+                             "--out-dir")
+        self.model.load_state_dict(matching_weights(self.model, ckpt["model"], path))
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            ema = matching_weights(self.model, ckpt.get("ema", ckpt["model"]), f"{path} (EMA)")
+            self.ema.weights = {k: v.to(self.device) for k, v in ema.items()}
+        if "rng" in ckpt:  # scale drop, class drop and augmentation continue as if never stopped
+            torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and self.device.startswith("cuda"):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+        self.log(f"{self.stage}: resumed from {path} at step {ckpt['step']}")
+        self.saved = ckpt["step"]
+        return ckpt["step"]
+
+    def where(self):
+        return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class BadSteps:
+    """Steps skipped for a non-finite loss or gradient: counted, and 10 in a row stop the run
+    without saving (the last good checkpoint stays as it was)."""
+
+    def __init__(self, stage, checkpoints):
+        self.stage, self.checkpoints, self.total, self.in_a_row = stage, checkpoints, 0, 0
+
+    def ok(self):
+        self.in_a_row = 0
+
+    def skip(self, step):
+        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+        self.checkpoints.log(f"{self.stage}: step {step}: non-finite loss or gradient, step skipped ({self.total} so far)")
+        if self.in_a_row == 10:
+            raise NonFiniteLoss(f"{self.stage}: 10 non-finite losses in a row (steps {step - 9}-{step}); stopped "
+                                f"without saving; {self.checkpoints.where()}. Lower --lr or check the data, then --resume")
+
+
+class Interrupt:
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) are remembered rather than
+    acted on at once, so the training loop can finish the step, write a checkpoint and exit."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self.remember) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def remember(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now, the usual way
+            self.restore()
+            signal.raise_signal(signum)
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        if self.signal is not None and exc[0] is None:  # arrived after the last step's check: act on it now
+            signal.raise_signal(self.signal)
+
+
+def stop_on_signal(step, iters, eval_interval, interrupt, checkpoints, faults):
+    """After a step in which any rank got SIGINT / SIGTERM: the evaluation row a resume would skip,
+    a checkpoint (unless the last steps were bad), and exit 128 + signal."""
+    signum, interrupt.signal = interrupt.signal or signal.SIGTERM, None  # (another rank's)
+    stage = checkpoints.stage
+    if step % eval_interval == 0 and step < iters:
+        checkpoints.log_row({"stage": stage, "step": step, "split": "val", **checkpoints.evaluate()})
+    if faults.in_a_row == 0:
+        checkpoints.save(step)
+    written = f"checkpoint written to {checkpoints.path}" if faults.in_a_row == 0 else checkpoints.where()
+    checkpoints.log(f"{stage}: {signal.Signals(signum).name} at step {step}: {written}; "
+                    "run the same command with --resume to continue")
+    raise SystemExit(128 + signum)
