@@ -33,7 +33,8 @@ from tqdm import tqdm
 import tokenflow as tf
 from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
                   resolve_data_path)
-from data.checks import SEED, check_classes, check_device, check_folder, check_numbers, run_script
+from data.checks import (SEED, check_classes, check_device, check_folder, check_numbers, compile_toolchain_missing,
+                         run_script)
 from data.folders import save_grid
 from data.shapes import ShapesDataset
 from data.weights import load_lpips, load_teacher, teacher_path
@@ -199,6 +200,9 @@ def checked(p, args):
     check_device(p, args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if args.compile and (missing := compile_toolchain_missing(args.device)):
+        log(args, f"warning: --compile needs {missing}; training without torch.compile")
+        args.compile = False
     return args
 
 
@@ -769,6 +773,8 @@ class Checkpoints:
                              "--out-dir")
         self.model.load_state_dict(tf.matching_weights(self.model, ckpt["model"], path))
         self.opt.load_state_dict(ckpt["optimizer"])
+        for p, state in self.opt.state.items():  # fused AdamW needs its moments in the weights' layout (see wrap)
+            state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if k != "step"})
         if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
@@ -892,7 +898,10 @@ def main_first(args):
 
 def wrap(args, model):
     """The module the loss calls: compiled with --compile, DDP-wrapped under torchrun (DDP averages
-    gradients over ranks in backward). The raw module stays the one saved and evaluated."""
+    gradients over ranks in backward). The raw module stays the one saved and evaluated. On CUDA its
+    conv weights go channels_last: cuDNN's NHWC kernels, no layout transforms (tf.GroupNorm keeps it)."""
+    if args.device.startswith("cuda"):
+        model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
     if args.world_size > 1:
         net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None,
