@@ -7,6 +7,7 @@ Measurements, one JSON object per line: our code against a baseline measured in 
     python bench.py train       # toy training steps with the data pipeline vs batches already in memory
     python bench.py train --preset tokenflow-b --batch-size 2   # the B sizes at a reduced batch
     python bench.py estimate    # tokenflow-b: FLOPs, saved activations and per-GPU memory of a training step
+    python bench.py profile --preset tokenflow-b --batch-size 64   # the top 15 kernels of a tokenizer and a GPT step
 
 Times are medians of --repeats runs after one warm-up; `spread` is (max - min) / median (a 2-core
 CPU is noisy: runs differ by 20-40%). ratio = ours_s / baseline_s. peak_mb is the peak memory the
@@ -26,6 +27,9 @@ The baselines:
   2.4x; only attention adds more. Greedy samples must be identical both ways (same_greedy_samples).
 - train: the same step with the batch already in memory (no data pipeline); on CUDA in bf16 it
   also prints achieved TFLOP/s and MFU.
+
+`profile` prints tables rather than JSON: torch.profiler's ops of one training step of each stage (as
+`train` builds them), sorted by self time on the device (CUDA kernels on a GPU).
 
 `estimate` counts what one training image costs at the tokenflow-b sizes (on CPU, batch 1): the
 FLOPs of forward + backward (torch's FlopCounterMode), the bytes of the tensors autograd saves for
@@ -265,6 +269,8 @@ def train_steps(args, stage):
         ids = np.random.default_rng(0).integers(0, cfg.codebook_size, (8192, cfg.seq_len)).astype(np.uint16)
         data = device_batches(TokenDataset(ids, np.arange(8192) % 8), batch, 0, device=args.device)
         loss_fn = lambda idx, y: tf.gpt_loss(model(idx, y), idx)
+    if args.device.startswith("cuda"):
+        model.to(memory_format=torch.channels_last)  # as train.py's wrap: cuDNN's NHWC convs
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):
@@ -295,6 +301,29 @@ def bench_train(args):
             extra["mfu"] = round(extra["tflops_per_s"] / peak[0], 3)
         report("train", "data-in-memory", with_data, in_memory, stage=f"{args.preset} {stage}", batch=batch, **extra,
                dtype=args.dtype, device=args.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile: where the time of one training step goes
+
+
+def profile(args, top=15):
+    """One tokenizer and one GPT training step of --preset under torch.profiler, after a warm-up step
+    (cuDNN's algorithm search, the allocator) -> per stage, a table of the `top` ops by self time on the
+    device: CUDA kernels on a GPU, CPU ops on the CPU."""
+    cuda = args.device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    for stage in ("tokenizer", "gpt"):
+        step, data, batch, _, _ = train_steps(args, stage)
+        x, y = next(data)
+        step(x, y)
+        sync(args.device)
+        with torch.profiler.profile(activities=activities) as prof:
+            step(x, y)
+            sync(args.device)
+        print(f"profile: {args.preset} {stage}, one training step at batch {batch}, {args.dtype}, {args.device}")
+        print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=top), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,15 +429,16 @@ def estimate(per_gpu_batch):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["all", "vq", "sample", "train", "estimate"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "vq", "sample", "train", "estimate", "profile"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gpt-width", type=int, default=256, help="sample: GPT width (heads = width / 64)")
     p.add_argument("--gpt-depth", type=int, default=4, help="sample: GPT blocks")
-    p.add_argument("--preset", default="toy", choices=sorted(tf.PRESETS), help="train: model sizes")
-    p.add_argument("--batch-size", type=int, default=None, help="train: batch (default: the preset's, as train.py)")
+    p.add_argument("--preset", default="toy", choices=sorted(tf.PRESETS), help="train, profile: model sizes")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="train, profile: batch (default: the preset's, as train.py)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="train: autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="train, profile: autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--gpus", type=int, default=8, help="estimate: GPUs the global batches of train.py's DEFAULTS spread over")
     args = p.parse_args(argv)
     width_ok = args.gpt_width >= 64 and args.gpt_width % 64 == 0  # heads of 64
@@ -416,7 +446,7 @@ def main(argv=None):
         p.error("--repeats, --gpus, --gpt-depth and --batch-size must be >= 1 and --gpt-width a multiple of 64")
     check_device(p, args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    run = {"vq": bench_vq, "sample": bench_sample, "train": bench_train,
+    run = {"vq": bench_vq, "sample": bench_sample, "train": bench_train, "profile": profile,
            "estimate": lambda a: estimate({s: train.DEFAULTS[("tokenflow-b", s)]["batch_size"] // a.gpus
                                            for s in ("tokenizer", "gpt")})}
     for what in (["vq", "sample", "train"] if args.what == "all" else [args.what]):

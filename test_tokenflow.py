@@ -47,6 +47,7 @@ unreadable images, and a GPT trained on another tokenizer's ids stop with one li
 code 2.
 """
 
+import copy
 import gzip
 import hashlib
 import importlib.util
@@ -226,8 +227,9 @@ def brute_force(cb, z_sem, z_pix):
     return d
 
 
-@pytest.mark.parametrize("K,w,max_scores", [(512, 1.0, 2**22), (512, 3.5, 2**22), (70_000, 1.0, 2**22),
-                                             (4096, 0.25, 4000)])  # last: one row per chunk
+@pytest.mark.parametrize("K,w,max_scores", [(512, 1.0, 2**22), (512, 3.5, None), (70_000, 1.0, None),
+                                             (4096, 0.25, 4000), (512, 1.0, 1),  # one row per chunk
+                                             (512, 1.0, 7 * 512), (4096, 1.0, math.inf)])  # 7 rows; all at once
 def test_shared_index_is_brute_force_argmin(K, w, max_scores):
     torch.manual_seed(K)
     cb = tf.DualCodebook(K, 32, 8, pix_weight=w)
@@ -238,6 +240,30 @@ def test_shared_index_is_brute_force_argmin(K, w, max_scores):
     # ours attains the minimum distance; exact ties aside, it is the same index
     assert torch.allclose(d.gather(1, idx[:, None]).squeeze(1), d.min(1).values, atol=1e-5)
     assert (idx == d.argmin(1)).float().mean() >= 0.99
+
+
+class MatmulRows(torch.overrides.TorchFunctionMode):
+    """Within the block, records the rows of each `a @ b` (its left operand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.matmul:
+            self.rows.append(len(args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_search_chunks_rows_within_max_scores():
+    """Row chunks of at most max_scores scores: on a CPU by default 2**22 (128 rows at K = 32,768), all rows
+    at once for math.inf, one row where a row alone has more."""
+    cb = tf.DualCodebook(32768, 32, 8)
+    u_sem, u_pix = F.normalize(torch.randn(300, 32), dim=1), F.normalize(torch.randn(300, 8), dim=1)
+    for max_scores, rows in ((None, 128), (math.inf, 300), (1000, 1), (2**20, 32)):
+        with MatmulRows() as seen:
+            cb.search(u_sem, u_pix, max_scores)
+        assert seen.rows == [rows] * (300 // rows) + ([300 % rows] if 300 % rows else []), max_scores
 
 
 def test_pix_weight_changes_the_choice():
@@ -286,6 +312,76 @@ def test_usage_perplexity_and_psnr_on_known_values():
     assert usage.item() == 0.5 and abs(ppl.item() - 8) < 1e-4
     x = torch.zeros(2, 3, 4, 4)
     assert torch.allclose(tf.psnr(x + 0.2, x), torch.full((2,), 20.0))  # [0,1] error 0.1 -> 20 dB
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU paths, checked on the CPU: the same numbers as the PyTorch ops they replace
+
+
+@pytest.mark.parametrize("s,n", [(1, 14), (2, 14), (3, 7), (6, 8), (13, 14), (4, 4), (5, 16)])
+def test_matrix_upsample_is_bicubic_interpolate(s, n):
+    """upsample's A x A^T = F.interpolate bicubic (align_corners False, no antialias), value and gradient,
+    for a contiguous and a channels_last input (what the quantizer's permuted rows are)."""
+    g = torch.Generator().manual_seed(s)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 5, s, s, generator=g).contiguous(memory_format=fmt).requires_grad_()
+        dy = torch.randn(2, 5, n, n, generator=g)
+        ours = tf.upsample(x, n)
+        theirs = F.interpolate(x, size=(n, n), mode="bicubic", align_corners=False, antialias=False)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(*(torch.autograd.grad(y, x, dy)[0] for y in (ours, theirs)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_layout_keeping_group_norm_is_group_norm(dtype, tol):
+    """GroupNorm's CUDA path (layout_kept) = F.group_norm in fp32 (as autocast runs it), value and the
+    gradients of input, weight and bias, and keeps the input's dtype and memory layout."""
+    torch.manual_seed(0)
+    norm = tf.group_norm(64)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x, dy = torch.randn(2, 64, 5, 6) * 3 + 1, torch.randn(2, 64, 5, 6)  # an offset mean: fp32 statistics matter
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x_ref, x_low = x.clone().requires_grad_(), x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+        want = F.group_norm(x_ref, 32, norm.weight, norm.bias, norm.eps)
+        got = norm.layout_kept(x_low)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+        for a, b in zip(torch.autograd.grad(got, [x_low, norm.weight, norm.bias], dy.to(dtype)),
+                        torch.autograd.grad(want, [x_ref, norm.weight, norm.bias], dy)):
+            torch.testing.assert_close(a.float(), b, atol=tol * b.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol, monkeypatch):
+    """The pixel encoder and decoder as train.py runs them on CUDA (weights and activations channels_last,
+    GroupNorm.layout_kept) = the contiguous CPU path: outputs and gradients, in fp32 and under bf16
+    autocast; every activation stays channels_last (no layout round trip)."""
+    torch.manual_seed(0)
+    cfg = replace(TINY, pix_dim=8)
+    enc, dec = tf.PixelEncoder(cfg), tf.PixelDecoder(cfg)
+    x = images(2)
+
+    def run(enc, dec):
+        with evaluate.autocast_ctx("cpu", dtype):
+            z = enc(x)
+            y = dec(z)
+        grads = torch.autograd.grad(y.float().square().mean(), [*enc.parameters(), *dec.parameters()])
+        return z, y, grads
+
+    z, y, grads = run(enc, dec)
+    enc_cl, dec_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (enc, dec))
+    monkeypatch.setattr(tf.GroupNorm, "forward", tf.GroupNorm.layout_kept)
+    not_cl = []
+    for name, m in [*enc_cl.named_modules(prefix="enc"), *dec_cl.named_modules(prefix="dec")]:
+        m.register_forward_hook(lambda m, i, out, name=name: not_cl.append(name) if out.ndim == 4 and not
+                                out.is_contiguous(memory_format=torch.channels_last) else None)
+    z_cl, y_cl, grads_cl = run(enc_cl, dec_cl)
+    assert not not_cl, not_cl
+    g_max = max(g.abs().max().item() for g in grads)  # (a bias before a norm has a zero gradient, plus noise)
+    for a, b, scale in [(z_cl, z, z.abs().max().item()), (y_cl, y, y.abs().max().item()),
+                        *((a, b, g_max) for a, b in zip(grads_cl, grads))]:
+        torch.testing.assert_close(a.float(), b.float(), atol=tol * scale, rtol=tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1120,6 +1216,34 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_compile_without_a_toolchain_warns_and_trains_without_it(monkeypatch, capsys):
+    """--compile where Inductor could not build kernels (no C++ compiler for the CPU, no Triton for CUDA):
+    one warning line naming what to install, then a plain eager run rather than a traceback mid-run."""
+    has_compiler = data.checks.compile_toolchain_missing("cpu") is None
+    assert train.get_args(["--compile", "--device", "cpu"]).compile == has_compiler
+    monkeypatch.setattr(data.checks.shutil, "which", lambda name: None)
+    monkeypatch.setattr(data.checks.importlib.util, "find_spec", lambda name: None)
+    assert train.get_args(["--compile", "--device", "cpu"]).compile is False
+    assert capsys.readouterr().out.strip().splitlines() == ["warning: --compile needs a C++ compiler (apt install g++, "
+                                                            "or set CXX); training without torch.compile"]
+    assert data.checks.compile_toolchain_missing("cuda") == "Triton (pip install triton)"
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_batch_size_and_grad_accum(capsys):
+    message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB of which "
+               "1.2 GiB is free. Of the allocated memory 130 GiB is allocated by PyTorch.\nSee documentation for ...")
+
+    def main(argv):
+        raise torch.cuda.OutOfMemoryError(message)
+
+    with pytest.raises(SystemExit) as e:
+        data.checks.run_script(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --batch-size, or (train.py) "
+                          "raise --grad-accum")
+
+
 @pytest.mark.parametrize("script,argv,message", [
     ("evaluate", ["eval", "--pool", "grid"], "--pool is for probe"),
     ("evaluate", ["probe", "--ref"], "use them with export"),
@@ -1427,6 +1551,15 @@ def test_bench_estimate_counts_flops_and_saved_activations():
     import bench
     lin, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
     assert bench.measure(lambda: lin(x).pow(2).sum().backward(), list(lin.parameters())) == (96, 56)
+
+
+def test_bench_profile_prints_the_top_ops_of_a_tokenizer_and_a_gpt_step(capsys):
+    import bench
+    bench.main(["profile", "--device", "cpu", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert out.count("profile: toy tokenizer, one training step at batch 2, float32, cpu") == 1
+    assert "profile: toy gpt, one training step" in out and out.count("Self CPU time total") == 2
+    assert "aten::convolution_backward" in out or "aten::mkldnn_convolution" in out  # the tokenizer's CNN shows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,8 +127,25 @@ def config_from_dict(cls, d):
 # Building blocks: CNN parts (VQGAN / LlamaGen) and transformer parts (CLIP-style ViT)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that on CUDA keeps its input's memory layout and dtype: statistics in fp32, output in
+    the input's dtype (as timm's fast_norm under autocast). PyTorch's CUDA kernel returns channels_last
+    input as contiguous (pytorch/pytorch#111824) and autocast runs it in fp32: a layout transform and two
+    casts around every norm of a channels_last bf16 CNN. The CPU kernel keeps the layout and runs as is."""
+
+    def forward(self, x):
+        return self.layout_kept(x) if x.is_cuda else super().forward(x)
+
+    def layout_kept(self, x_BChw):
+        x = x_BChw.unflatten(1, (self.num_groups, -1))  # (B, G, C/G, h, w): a view in either layout
+        var, mean = torch.var_mean(x.float(), dim=(2, 3, 4), correction=0, keepdim=True)  # (B, G, 1, 1, 1)
+        scale = (var + self.eps).rsqrt() * self.weight.view(self.num_groups, -1, 1, 1)  # (B, G, C/G, 1, 1)
+        shift = self.bias.view(self.num_groups, -1, 1, 1) - mean * scale
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).flatten(1, 2)  # x * scale + shift, x's layout
+
+
 def group_norm(ch):
-    return nn.GroupNorm(32, ch, eps=1e-6)
+    return GroupNorm(32, ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -412,19 +429,21 @@ class DualCodebook(nn.Module):
         """idx (...) long -> unit codes (..., sem_dim + pix_dim); only the rows used are normalised."""
         return torch.cat([F.normalize(self.sem[idx], dim=-1), F.normalize(self.pix[idx], dim=-1)], -1)
 
-    def nearest(self, z_sem, z_pix, max_scores=2**22):
+    def nearest(self, z_sem, z_pix, max_scores=None):
         """z_sem (N, sem_dim), z_pix (N, pix_dim), any scale -> idx (N,) long: argmin d_sem + w*d_pix."""
         return self.search(F.normalize(z_sem, dim=1), F.normalize(z_pix, dim=1), max_scores)
 
     @torch.no_grad()
-    def search(self, u_sem, u_pix, max_scores=2**22):
-        """nearest() for inputs already l2-normalised. Scores are fp32, computed for bounded row
-        chunks (at most max_scores floats at once): no N x K one-hot, no full distance matrix."""
+    def search(self, u_sem, u_pix, max_scores=None):
+        """nearest() for inputs already l2-normalised. Scores are fp32, computed for row chunks of at
+        most max_scores floats (math.inf: all rows at once): no N x K one-hot, no full distance matrix.
+        Default: 2**22 (16 MB) on a CPU, where a chunk that stays in cache is fastest; 2**28 (1 GiB) on
+        a GPU, where every chunk costs launches and one matmul of all rows is fastest."""
         with torch.autocast(u_sem.device.type, enabled=False):  # autocast would run the matmul in bf16
             z = torch.cat([u_sem.float(), self.pix_weight * u_pix.float()], 1)  # (N, C)
             e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)  # (K, C)
-            rows = max(1, max_scores // e.shape[0])
-            return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(rows)])  # (N,)
+            rows = int(min(len(z), (max_scores or (2**22 if z.is_cpu else 2**28)) // len(e)))
+            return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(max(1, rows))])  # (N,)
 
     def forward(self, z_NC):
         """z (N, sem_dim + pix_dim), not normalised -> q (N, C) straight-through, idx (N,), stats."""
@@ -455,9 +474,24 @@ def psnr(x, y):
 # The tokenizer: two encoders, multi-scale residual quantization, two decoders
 
 
+BICUBIC = {}  # (s, n, device, dtype) -> the (n, s) matrix of upsample
+
+
 def upsample(x_BCss, n):
-    """One scale's codes to the full n x n grid (bicubic, as VAR and TokenFlow)."""
-    return x_BCss if x_BCss.shape[-1] == n else F.interpolate(x_BCss, size=(n, n), mode="bicubic")
+    """One scale's codes to the full n x n grid, bicubic as VAR and TokenFlow: F.interpolate(x, size=(n, n),
+    mode="bicubic") (align_corners False, no antialias) is linear and separable, so it is A x A^T with
+    A (n, s) read off an identity. The same numbers; its backward is two matmuls, not the CUDA kernel's
+    atomic adds, which serialise where many outputs share few inputs (the small scales)."""
+    s = x_BCss.shape[-1]
+    if s == n:
+        return x_BCss
+    key = (s, n, x_BCss.device, x_BCss.dtype)
+    if key not in BICUBIC:
+        eye = torch.eye(s, dtype=torch.float64).view(1, s, s, 1)  # channel k: a unit impulse at row k
+        BICUBIC[key] = F.interpolate(eye, size=(n, 1), mode="bicubic")[0, :, :, 0].T.to(x_BCss.device, x_BCss.dtype)
+    A = BICUBIC[key]
+    with torch.autocast(x_BCss.device.type, enabled=False):  # x's dtype; autocast would make fp32 codes bf16
+        return A @ x_BCss @ A.T  # (B, C, n, n)
 
 
 class TokenFlow(nn.Module):

@@ -34,7 +34,8 @@ from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches,
                   resolve_data_path)
 from data.checkpoints import (EMA, BadSteps, Checkpoints, Interrupt, NonFiniteLoss, load_checkpoint, load_model,
                               matching_weights, save_checkpoint, stop_on_signal, tokenizer_id)
-from data.checks import SEED, check_classes, check_device, check_folder, check_numbers, run_script
+from data.checks import (SEED, check_classes, check_device, check_folder, check_numbers, compile_toolchain_missing,
+                         run_script)
 from data.folders import save_grid
 from data.shapes import ShapesDataset
 from data.weights import load_lpips, load_teacher, teacher_path
@@ -195,6 +196,9 @@ def checked(p, args):
     check_device(p, args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if args.compile and (missing := compile_toolchain_missing(args.device)):
+        log(args, f"warning: --compile needs {missing}; training without torch.compile")
+        args.compile = False
     return args
 
 
@@ -730,7 +734,10 @@ def main_first(args):
 
 def wrap(args, model):
     """The module the loss calls: compiled with --compile, DDP-wrapped under torchrun (DDP averages
-    gradients over ranks in backward). The raw module stays the one saved and evaluated."""
+    gradients over ranks in backward). The raw module stays the one saved and evaluated. On CUDA its
+    conv weights go channels_last: cuDNN's NHWC kernels, no layout transforms (tf.GroupNorm keeps it)."""
+    if args.device.startswith("cuda"):
+        model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
     if args.world_size > 1:
         net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None,

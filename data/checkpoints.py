@@ -209,6 +209,8 @@ class Checkpoints:
                              "--out-dir")
         self.model.load_state_dict(matching_weights(self.model, ckpt["model"], path))
         self.opt.load_state_dict(ckpt["optimizer"])
+        for p, state in self.opt.state.items():  # fused AdamW needs its moments in the weights' layout (train.py's wrap)
+            state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if k != "step"})
         if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:

@@ -5,8 +5,10 @@ rather than with a traceback from deep inside a run; run_script turns the errors
 raises on bad files and data (ValueError, OSError) into that same one line.
 """
 
+import importlib.util
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -67,6 +69,15 @@ def check_device(p, device):
         p.error(f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu")
 
 
+def compile_toolchain_missing(device):
+    """What torch.compile's default backend (Inductor) lacks on this machine to build kernels for device,
+    as a fix to name, or None: Triton for a CUDA GPU, a C++ compiler ($CXX, c++, g++ or clang++) for the CPU."""
+    if device.startswith("cuda"):
+        return None if importlib.util.find_spec("triton") else "Triton (pip install triton)"
+    compilers = (os.environ.get("CXX") or "c++", "g++", "clang++")
+    return None if any(map(shutil.which, compilers)) else "a C++ compiler (apt install g++, or set CXX)"
+
+
 def check_folder(p, what, path):
     """A folder the run writes into (what: the flag, as typed): created if missing, so it must not be
     a file or an empty name."""
@@ -119,8 +130,9 @@ def check_classes(found, expected, what, fix):
 
 
 def run_script(main, argv=None, exit_codes=()):
-    """main(argv); bad input (BAD_INPUT) ends as one line on stderr and exit code 2. exit_codes:
-    (exception type, exit code) pairs for a script's own stops (train.py: a diverged run, 1)."""
+    """main(argv); bad input (BAD_INPUT) and running out of GPU memory end as one line on stderr and
+    exit code 2. exit_codes: (exception type, exit code) pairs for a script's own stops (train.py: a
+    diverged run, 1)."""
     try:
         return main(argv)
     except tuple(t for t, _ in exit_codes) as e:
@@ -128,4 +140,8 @@ def run_script(main, argv=None, exit_codes=()):
         sys.exit(dict(exit_codes)[type(e)])
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.cuda.OutOfMemoryError as e:  # CUDA's message is a paragraph; its first two sentences say enough
+        print(f"error: {'. '.join(str(e).split('. ')[:2])}; lower --batch-size, or (train.py) raise --grad-accum: "
+              "the same batch in that many smaller micro-batches", file=sys.stderr)
         sys.exit(2)
