@@ -2000,7 +2000,8 @@ def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():
     results = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(results)
     val = {"psnr": 23.0, "ssim": 0.65, "usage": 1.0, "perplexity": 270.0, "recon_acc": 0.5}
-    gen = {"images": 8, "cfg": 0.0, "class_acc": 0.25, "sem_class_acc": 0.5, "fd_teacher": 9.0, "fd_teacher_real": 0.3}
+    gen = {"images": 8, "cfg": 0.0, "class_acc": 0.25, "colours": 7.5, "sem_class_acc": 0.5, "fd_judge": 2.0,
+           "fd_judge_real": 0.1, "fd_teacher": 9.0, "fd_teacher_real": 0.3}
     probe = lambda kinds: [{"features": k, "class_acc": 0.5, "colour_acc": 0.25} for k in kinds]
     rows = {"dual": {"eval": [{**val, "sem_cos": 0.9}, gen], "mean": probe(results.PROBE_KINDS),
                      "grid": probe(results.PROBE_KINDS)},
@@ -2009,7 +2010,7 @@ def test_results_table_has_a_row_per_tokenizer_and_dashes_for_missing_halves():
     assert lines[2].startswith("| dual | 23.00 | 0.650 | 100.0% | 270 | 0.900 | 50.0 | 50.0 / 50.0 / 50.0 / 50.0 |")
     assert lines[3].startswith("| pixel | 23.00 | 0.650 | 100.0% | 270 | – | 50.0 | – / 50.0 / – / 50.0 | "
                                "– / 25.0 / – / 25.0 |")
-    assert lines[-5] == "| 8 samples | 0 | 25.0 | 50.0 | 9.0 | 0.30 |"
+    assert lines[-5] == "| 8 samples | 0 | 25.0 | 7.50 | 50.0 | 2.00 (0.10) | 9.0 (0.30) |"
     assert lines[-1] == "| dual | 23.00 | 0.650 | 50.0% | 270 |"
 
 
