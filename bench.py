@@ -18,8 +18,9 @@ The baselines:
 - vq, floor: one matmul + argmax of all rows; naive: the official way, two N x K distance
   matrices, an N x K one-hot and `unique` over a 131,072-id usage window (naive_quantize).
   Ours is one fp32 matmul of the unit codes against both tables at once (argmin d_sem + w d_pix
-  is the argmax of one inner product for unit vectors), in row chunks, with no one-hot and no
-  distance matrix, so its speed-up over naive is capped by naive / floor.
+  is the argmax of one inner product for unit vectors), in row chunks (cache-sized on a CPU, up to
+  1 GiB of scores on a GPU), with no one-hot and no distance matrix, so its speed-up over naive is
+  capped by naive / floor.
 - sample, floor: one teacher-forced forward at the sampling batch + sampling every token; no
   cache: every scale re-runs the whole prefix (generate_no_cache). Without the cache scale k
   re-runs all tokens up to its own: 1 + 5 + 21 + ... + 561 = 1,352 token positions against 561,

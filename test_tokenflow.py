@@ -34,9 +34,10 @@ The robustness guarantees of the scripts, each tested below:
   (tested with Gloo; under NCCL a rank blocked in a collective waits for torchrun to kill it).
 - Input. Bad flags, unknown presets, batch sizes that do not divide, id files of the wrong
   length or range, class labels out of range, and missing or mismatched weight files stop with
-  one line naming the fix and exit code 2. Every flag of train.py, sample.py and evaluate.py is
-  run over a table of hostile values (NaN, +-inf, 0, -1, 1e30, empty, missing, a folder, a file
-  of the wrong kind): exit code 0 or 2, never a traceback (--compile: parsed only).
+  one line naming the fix and exit code 2, as does running out of GPU memory (naming --batch-size
+  and --grad-accum). Every flag of train.py, sample.py and evaluate.py is run over a table of
+  hostile values (NaN, +-inf, 0, -1, 1e30, empty, missing, a folder, a file of the wrong kind):
+  exit code 0 or 2, never a traceback (--compile: parsed only; without a compiler it warns).
 - Bad input from the field (issue 15): held-out class folders map onto the training split's by
   name; folder scans follow links, skip hidden names and notice any change; any exception from
   one image file skips that file; state dicts of DDP / torch.compile models load; the sampler
