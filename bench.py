@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenflow as tf
 import train
 from data import TokenDataset, device_batches
-from data.checks import check_device, run_script
+from utils.cli import check_device, run_script
 from data.shapes import ShapesDataset
 from evaluate import autocast_ctx
 

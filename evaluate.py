@@ -58,13 +58,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenflow as tf
-from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path, save_atomically
-from data.checkpoints import load_model
-from data.checks import (SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file, check_numbers,
-                         check_output_file, parse_refine, run_script)
-from data.folders import class_rows, keep_class_examples, save_grid, to_uint8
+from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path
 from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
-from data.weights import load_teacher, teacher_path
+from utils.checkpoints import load_model, save_atomically
+from utils.cli import (SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file, check_numbers,
+                       check_output_file, parse_refine, run_script)
+from utils.grids import class_rows, keep_class_examples, save_grid, to_uint8
+from utils.weights import load_teacher, teacher_path
 
 SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
             if k not in ("self", "labels", "generator")}  # GPT.generate's defaults, as sample.py uses them
@@ -281,6 +281,20 @@ def score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, de
     return row, torch.cat(feats), torch.cat(judged) if judged else None
 
 
+def generated_row(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype="float32", shapes=False,
+                  recon_class_acc=None):
+    """The training run's last row: score_generated at the default guidance and at 0 (keys with the
+    suffix _cfg0), beside recon_class_acc (the judge's ceiling through this decoder) when given."""
+    row = {"cfg": DEFAULT_CFG, "images": len(labels),
+           **({"recon_class_acc": recon_class_acc} if recon_class_acc is not None else {})}
+    for cfg in (DEFAULT_CFG, 0.0):
+        scores, _, _ = score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype,
+                                       shapes=shapes, cfg=cfg)
+        row.update({k if cfg == DEFAULT_CFG else f"{k}_cfg0": v for k, v in scores.items()
+                    if cfg == DEFAULT_CFG or k != "class_acc_per_class"})
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # Features: generated images, the teacher's view, the probe's inputs
 
@@ -408,8 +422,7 @@ class Run:
 
     def gpt(self):
         path = os.path.join(self.args.out_dir, "gpt.pt")
-        gpt, ckpt = load_model(path, "gpt", self.tokenizer)
-        check_classes(ckpt.get("classes"), self.classes, f"GPT {path}", f"give the GPT of {self.tokenizer_path}'s run")
+        gpt, _ = load_model(path, "gpt", self.tokenizer, self.classes, f"give the GPT of {self.tokenizer_path}'s run")
         return gpt.to(self.args.device).eval()
 
     def judge(self):
@@ -417,8 +430,7 @@ class Run:
         path = os.path.join(self.args.out_dir, "judge.pt")
         if not os.path.exists(path):
             return None
-        judge, ckpt = load_model(path, "judge")
-        check_classes(ckpt.get("classes"), self.classes, f"judge {path}", f"give the judge of {self.tokenizer_path}'s run")
+        judge, _ = load_model(path, "judge", classes=self.classes, fix=f"give the judge of {self.tokenizer_path}'s run")
         return judge.to(self.args.device).eval()
 
     def sampling(self, cfg):
@@ -541,7 +553,7 @@ def export(run):
         start += len(x)
     name = "reference.npz" if a.ref else "reconstructions.npz" if a.recon else "samples.npz"
     out = a.out or os.path.join(a.out_dir, name)
-    save_atomically(out, np.savez, arr_0=images, arr_1=labels)
+    save_atomically(out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
     kind = "real held-out" if a.ref else "reconstructed held-out" if a.recon else "generated"
     print(f"wrote {out}: arr_0 {images.shape} uint8 ({kind} images), arr_1 labels")
     return out

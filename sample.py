@@ -20,10 +20,11 @@ import torch
 
 import tokenflow as tf
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
-from data.checkpoints import load_model
-from data.checks import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
-                         check_output_file, listing, parse_refine, run_script)
-from data.folders import class_rows, keep_class_examples, load_images, save_grid
+from data.folders import load_images
+from utils.checkpoints import load_model
+from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
+                       check_output_file, listing, parse_refine, run_script)
+from utils.grids import class_rows, keep_class_examples, save_grid
 
 
 def get_args(argv=None):

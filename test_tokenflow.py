@@ -77,17 +77,18 @@ import tqdm
 from PIL import Image
 
 import data
-import data.checks
-import data.checkpoints
-import data.weights
 import evaluate
 import sample
 import tokenflow as tf
 import train
+import utils.checkpoints
+import utils.cli
+import utils.weights
 from data import device_batches, fashion_mnist
-from data.checkpoints import load_checkpoint, load_model, save_checkpoint, tokenizer_id
-from data.folders import FolderDataset, class_rows, keep_class_examples, read_rgb, to_uint8
+from data.folders import FolderDataset, read_rgb
 from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
+from utils.checkpoints import load_checkpoint, load_model, save_checkpoint, tokenizer_id
+from utils.grids import class_rows, keep_class_examples, to_uint8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -162,7 +163,7 @@ def test_load_clip_matches_the_clip_forward(tmp_path, fmt):
         traced = torch.jit.trace(clip, x)
         torch.jit.save(traced.half() if fmt.endswith("fp16") else traced, path)
         clip = clip.half().float() if fmt.endswith("fp16") else clip  # the reference sees the same rounding
-    vit = data.weights.load_clip(path)
+    vit = utils.weights.load_clip(path)
     assert len(vit.blocks) == 2 and vit.positional_embedding.shape == (10, 128)
     with torch.no_grad():
         assert torch.allclose(vit(x), clip.visual(x), atol=1e-4)
@@ -175,7 +176,7 @@ def test_torchscript_weights_that_would_run_code_are_refused(tmp_path, monkeypat
         zf.writestr("evil/data.pkl", pickle.dumps({"visual.conv1.weight": RunsCode()}, protocol=2))
         zf.writestr("evil/constants.pkl", pickle.dumps(()))
     with pytest.raises(pickle.UnpicklingError, match="no place in a weights file"):
-        data.weights.load_clip("evil.pt")
+        utils.weights.load_clip("evil.pt")
     assert not os.path.exists("pwned")
 
 
@@ -189,31 +190,31 @@ def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatc
     torch.save(clip.state_dict(), path)
     cfg = replace(TINY, vit_width=64, vit_depth=2, vit_heads=1, vit_stem_ch=0, vit_quick_gelu=True,
                   sem_mean=(0.48145466, 0.4578275, 0.40821073), sem_std=(0.26862954, 0.26130258, 0.27577711))
-    teacher = data.weights.clip_teacher(path, cfg).eval()
+    teacher = utils.weights.clip_teacher(path, cfg).eval()
     x = images(2)
     with torch.no_grad():
         assert torch.allclose(teacher.features(x), visual(tf.teacher_input(x, cfg)) @ visual.proj, atol=1e-4)
     with pytest.raises(ValueError, match="vit_depth = 2 vs 3"):
-        data.weights.clip_teacher(path, replace(cfg, vit_depth=3))
+        utils.weights.clip_teacher(path, replace(cfg, vit_depth=3))
     # --teacher clip-vit-b16: fetched once into the cache, then its SHA-256 is checked
     monkeypatch.setenv("TOKENFLOW_CACHE", str(tmp_path / "cache"))
     fake = "https://example.invalid/x/" + hashlib.sha256(open(path, "rb").read()).hexdigest() + "/ViT-B-16.pt"
     monkeypatch.setattr(data.weights, "CLIP_URL", fake)
-    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", lambda url, dst: shutil.copy(path, dst))
-    fetched = data.weights.fetch_clip()
+    monkeypatch.setattr(utils.weights.urllib.request, "urlretrieve", lambda url, dst: shutil.copy(path, dst))
+    fetched = utils.weights.fetch_clip()
     assert open(fetched, "rb").read() == open(path, "rb").read()
     open(fetched, "ab").write(b"x")  # a corrupted cache
     with pytest.raises(ValueError, match="sha256"):
-        data.weights.fetch_clip()
+        utils.weights.fetch_clip()
 
 
 def test_positions_resize_keeps_the_class_token_and_is_identity_at_the_same_grid():
     pos = torch.randn(1 + 14 * 14, 8)
-    assert torch.equal(data.weights.resize_positions(pos, 14), pos)
-    big = data.weights.resize_positions(pos, 16)
+    assert torch.equal(utils.weights.resize_positions(pos, 14), pos)
+    big = utils.weights.resize_positions(pos, 16)
     assert big.shape == (1 + 16 * 16, 8) and torch.equal(big[0], pos[0])
     flat = torch.cat([pos[:1], torch.ones(14 * 14, 8)])  # a constant grid stays constant
-    assert torch.allclose(data.weights.resize_positions(flat, 16)[1:], torch.ones(16 * 16, 8), atol=1e-5)
+    assert torch.allclose(utils.weights.resize_positions(flat, 16)[1:], torch.ones(16 * 16, 8), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +738,7 @@ def test_a_kill_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, tiny, m
         f.write(b"PK\x03\x04 half a zip")  # the first bytes of a torch.save archive, then the kill
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(data.checkpoints.torch, "save", killed_mid_write)
+    monkeypatch.setattr(utils.checkpoints.torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, "tokenizer", TINY, tiny, step=2)
     monkeypatch.undo()
@@ -894,8 +895,8 @@ def test_held_out_classes_map_onto_the_training_splits_by_name(tmp_path):
         data.make_dataset("folder", str(tmp_path), "val", 16, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="the val split has ant, bee, cat too; lacks disk, ring, triangle, square, "
                                          "plus, star, crescent, bar \\(its classes"):
-        data.checks.check_classes(["ant", "bee", "cat"], ShapesDataset.classes, "the val split", "fix")
-    assert data.checks.listing(range(1000)) == "0, 1, 2, 3, 4, 5, 6, 7, ... (1000 in all)"
+        utils.cli.check_classes(["ant", "bee", "cat"], ShapesDataset.classes, "the val split", "fix")
+    assert utils.cli.listing(range(1000)) == "0, 1, 2, 3, 4, 5, 6, 7, ... (1000 in all)"
 
 
 def tiny_cifar_archive(path):
@@ -1164,21 +1165,21 @@ def test_load_lpips_reads_torchvision_vgg_and_lpips_heads(tmp_path, monkeypatch)
     digest = lambda name, algo: hashlib.new(algo, open(tmp_path / name, "rb").read()).hexdigest()
     monkeypatch.setattr(data.weights, "VGG16_SHA256", digest("vgg16-397923af.pth", "sha256")[:8])
     monkeypatch.setattr(data.weights, "LPIPS_MD5", digest("vgg.pth", "md5"))
-    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", None)  # the files are there: no download
-    lpips = data.weights.load_lpips(str(tmp_path))
+    monkeypatch.setattr(utils.weights.urllib.request, "urlretrieve", None)  # the files are there: no download
+    lpips = utils.weights.load_lpips(str(tmp_path))
     assert torch.equal(lpips.features[28].weight, ref.features[28].weight)
     assert torch.equal(lpips.lins[4].weight, ref.lins[4].weight.abs())
     monkeypatch.setattr(data.weights, "LPIPS_MD5", "0" * 32)
     with pytest.raises(ValueError, match="expected 0000"):
-        data.weights.load_lpips(str(tmp_path))
+        utils.weights.load_lpips(str(tmp_path))
 
     def offline(url, path):
-        raise data.weights.urllib.error.URLError("no network")
+        raise utils.weights.urllib.error.URLError("no network")
 
     os.remove(tmp_path / "vgg.pth")  # missing, and no network to fetch it: say where to put it
-    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(utils.weights.urllib.request, "urlretrieve", offline)
     with pytest.raises(FileNotFoundError, match="vgg.pth is missing and its download .* failed"):
-        data.weights.load_lpips(str(tmp_path))
+        utils.weights.load_lpips(str(tmp_path))
 
 
 def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
@@ -1193,6 +1194,39 @@ def test_hinge_loss_and_the_gan_step_in_the_tokenizer_stage(toy_run, tmp_path):
     train.main(argv + ["--iters", "4", "--resume"])
     ckpt = load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert ckpt["disc_optimizer"]["state"][0]["step"].item() == 3  # resumed, not restarted
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_one_discriminator_step_per_generator_step_through_its_scaler(toy_run, tmp_path, monkeypatch, scaled):
+    """With --grad-accum 2 the PatchGAN steps once per generator step, not once per micro-batch, and
+    its step goes through the generator's gradient scaler (under float16 its backward is scaled, and
+    unscaled before the step, like the generator's). scaled: the scaler on, as float16 turns it on
+    (float16 itself is too slow on a CPU for a test)."""
+    out = str(tmp_path / "out")
+    shutil.copytree(toy_run[0], out)
+    is_disc = lambda opt: opt.param_groups[0]["betas"] == (0.5, 0.9)  # VQGAN's discriminator betas
+    stepped, through_scaler = [], []
+    adamw_step, scaler_init, scaler_step = torch.optim.AdamW.step, torch.amp.GradScaler.__init__, torch.amp.GradScaler.step
+
+    def counted_step(opt, *a, **k):
+        stepped.append("disc" if is_disc(opt) else "gen")
+        return adamw_step(opt, *a, **k)
+
+    def scaler_stepped(scaler, opt, *a, **k):
+        through_scaler.append("disc" if is_disc(opt) else "gen")
+        return scaler_step(scaler, opt, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
+    monkeypatch.setattr(torch.amp.GradScaler, "step", scaler_stepped)
+    if scaled:
+        monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, device, enabled: scaler_init(self, device))
+    train.main(["--stage", "tokenizer", "--out-dir", out, "--disc-start", "1", "--iters", "3", "--grad-accum", "2",
+                "--eval-images", "16"])
+    assert stepped.count("gen") == 3 and stepped.count("disc") == 2  # steps 1 and 2 of 0, 1, 2
+    assert through_scaler.count("disc") == 2
+    disc = tf.PatchDiscriminator()
+    disc.load_state_dict(load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")["disc"])
+    assert all(p.isfinite().all() for p in disc.parameters())
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1220,14 +1254,14 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
 def test_compile_without_a_toolchain_warns_and_trains_without_it(monkeypatch, capsys):
     """--compile where Inductor could not build kernels (no C++ compiler for the CPU, no Triton for CUDA):
     one warning line naming what to install, then a plain eager run rather than a traceback mid-run."""
-    has_compiler = data.checks.compile_toolchain_missing("cpu") is None
+    has_compiler = utils.cli.compile_toolchain_missing("cpu") is None
     assert train.get_args(["--compile", "--device", "cpu"]).compile == has_compiler
-    monkeypatch.setattr(data.checks.shutil, "which", lambda name: None)
-    monkeypatch.setattr(data.checks.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(utils.cli.shutil, "which", lambda name: None)
+    monkeypatch.setattr(utils.cli.importlib.util, "find_spec", lambda name: None)
     assert train.get_args(["--compile", "--device", "cpu"]).compile is False
     assert capsys.readouterr().out.strip().splitlines() == ["warning: --compile needs a C++ compiler (apt install g++, "
                                                             "or set CXX); training without torch.compile"]
-    assert data.checks.compile_toolchain_missing("cuda") == "Triton (pip install triton)"
+    assert utils.cli.compile_toolchain_missing("cuda") == "Triton (pip install triton)"
 
 
 def test_running_out_of_gpu_memory_is_one_line_naming_batch_size_and_grad_accum(capsys):
@@ -1238,7 +1272,7 @@ def test_running_out_of_gpu_memory_is_one_line_naming_batch_size_and_grad_accum(
         raise torch.cuda.OutOfMemoryError(message)
 
     with pytest.raises(SystemExit) as e:
-        data.checks.run_script(main)
+        utils.cli.run_script(main)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --batch-size, or (train.py) "
@@ -1470,7 +1504,7 @@ def test_resume_mid_run_continues_with_the_same_batches(tmp_path, monkeypatch):
 
 def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
     model = torch.nn.Linear(2, 1)
-    ema = train.EMA(model, decay=0.5)
+    ema = utils.checkpoints.EMA(model, decay=0.5)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -2148,7 +2182,7 @@ def test_no_flag_answers_hostile_values_with_a_traceback(name, tmp_path, monkeyp
     values run main on tiny sizes (train: one step of the teacher, or of the tokenizer for its flags)."""
     script = {"train": train, "sample": sample, "evaluate": evaluate}[name]
     monkeypatch.chdir(tmp_path)  # relative paths (--out-dir nan) land here
-    monkeypatch.setattr(data.weights.urllib.request, "urlretrieve", offline)  # nothing downloads in tests
+    monkeypatch.setattr(utils.weights.urllib.request, "urlretrieve", offline)  # nothing downloads in tests
     out = str(tmp_path / "out")
     if name == "train":
         os.makedirs(out)

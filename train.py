@@ -6,11 +6,11 @@ scores generated images), then the next-scale GPT.
     python train.py --stage gpt          # one stage, reading earlier stages' checkpoints from out/
     python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
 
-Read top to bottom: per-stage defaults, helpers, the stages with their losses, the one training
-loop they share, DDP, main; the loop's EMA, checkpoints, faults and signals are data/checkpoints.py's.
-A stage's checkpoint holds all it needs (config, weights, optimiser, args): sample.py, evaluate.py
-and later stages rebuild models from it alone. Under torchrun every process runs this file; rank 0
-logs and writes.
+Read top to bottom: the four stages with their losses, the one training loop they share; then the
+per-stage defaults, small helpers, the command line and main. A stage's checkpoint holds all it
+needs (config, weights, optimiser, args): sample.py, evaluate.py and later stages rebuild models
+from it alone. Under torchrun every process runs this file; rank 0 logs and writes. The plumbing
+(checkpoint files and resume, signals, DDP, flag checks, weight files) is utils/'s.
 """
 
 import argparse
@@ -19,28 +19,410 @@ import math
 import os
 import shlex
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tokenflow as tf
-from data import (DATASETS, EVAL_IMAGES, barrier, cached_tokens, device_batches, eval_loader, make_dataset, rank_share,
-                  resolve_data_path)
-from data.checkpoints import (EMA, BadSteps, Checkpoints, Interrupt, NonFiniteLoss, load_checkpoint, load_model,
-                              matching_weights, save_checkpoint, stop_on_signal, tokenizer_id)
-from data.checks import (SEED, check_classes, check_device, check_folder, check_numbers, compile_toolchain_missing,
-                         run_script)
-from data.folders import save_grid
+from data import DATASETS, EVAL_IMAGES, describe, device_batches, eval_loader, make_dataset, resolve_data_path
 from data.shapes import ShapesDataset
-from data.weights import load_lpips, load_teacher, teacher_path
-from evaluate import (DEFAULT_CFG, autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
-                      reconstructions, score_generated)
+from evaluate import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
+                      generated_row, reconstructions)
+from utils.checkpoints import (EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState, load_checkpoint, load_model,
+                               matching_weights, save_checkpoint, tokenizer_id)
+from utils.cli import (SEED, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype,
+                       run_script)
+from utils import distributed
+from utils.distributed import all_mean, all_sum, main_first, rank_and_world_size, rank_share, wrap
+from utils.grids import save_grid
+from utils.token_files import cached_tokens
+from utils.weights import load_lpips, load_teacher, teacher_path
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the toy teacher, a small ViT classifier standing in for CLIP
+
+
+def train_teacher(args, cfg):
+    torch.manual_seed(args.seed)
+    data = dataset(args, cfg.image_size, "train")
+    teacher = tf.Teacher(cfg, data.num_classes).to(args.device)
+    net = wrap(teacher, args.device, args.world_size, args.compile)
+
+    def save_fn(step, state):
+        save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
+                        num_classes=teacher.num_classes, classes=data.classes, args=vars(args), **state)
+
+    return train_loop(args, "teacher", teacher, net, list(teacher.parameters()), data,
+                      lambda x, y, _: (F.cross_entropy(net(x), y), {}),
+                      lambda: evaluate_teacher(teacher, held_out(args, cfg), args.device, args.dtype, all_sum),
+                      save_fn, weight_decay=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the tokenizer. Its loss (TokenFlow Sec. 3.3): L2 + LPIPS + PatchGAN on the pixel side,
+# cosine to the teacher's features on the semantic side, plus the VQ loss.
+
+
+def tokenizer_loss(x, x_rec, sem, target, vq, lpips=None, gan=None, last_layer=None):
+    """TokenFlow's objective on one batch -> (loss, dict of floats): L2 + LPIPS (weight 1, with
+    lpips) + the generator's hinge term (weight gan.weight, with gan) + the semantic loss
+    mean(1 - cos(sem, target)) (absent when sem is None, --codebook pixel) + vq. With gan the
+    discriminator's hinge loss joins the sum: it reaches only the discriminator's weights (it reads
+    x_rec detached) and the generator's term only the decoder's (the discriminator is frozen for it),
+    so one backward serves both. x, x_rec (B, 3, H, W); sem, target (B, n*n, T)."""
+    rec = F.mse_loss(x_rec, x) + (lpips(x_rec, x).mean() if lpips else 0)
+    loss, stats = rec + vq, {"rec": rec.item()}
+    if gan is not None:
+        gan.disc.requires_grad_(False)  # the generator's term trains the decoder, not the discriminator
+        g_loss = -gan.disc(x_rec).mean()
+        gan.disc.requires_grad_(True)
+        w = tf.adaptive_weight(rec, g_loss, last_layer) if gan.adaptive else 1
+        if gan.adaptive:  # each rank's is from its own batch: use their mean
+            w = all_mean(w)
+        d_loss = gan.d_loss(x, x_rec.detach())
+        loss, stats = loss + gan.weight * w * g_loss + d_loss, {**stats, "g": g_loss.item(), "d": d_loss.item()}
+    if sem is not None:
+        sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()
+        loss, stats = loss + sem_loss, {**stats, "sem": sem_loss.item()}
+    return loss, stats
+
+
+@dataclass
+class GAN:
+    """The PatchGAN of the pixel loss (VQGAN): discriminator, its loss as DDP runs it, its optimiser."""
+    disc: nn.Module
+    d_loss: nn.Module
+    opt: torch.optim.Optimizer
+    weight: float = 0.5
+    adaptive: bool = False  # scale by VQGAN's ratio of gradient norms (tf.adaptive_weight)
+
+    def state(self):  # what a checkpoint keeps
+        return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt.state_dict()}
+
+    def step(self, scaler):
+        """The discriminator's step, on gradients scaled as the generator's were (the scaler skips a
+        non-finite fp16 step); none before --disc-start (no gradients) or when they are not finite
+        (all-reduced: every rank agrees)."""
+        grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
+        if grads:
+            scaler.unscale_(self.opt)
+            if scaler.is_enabled() or all(g.isfinite().all() for g in grads):
+                scaler.step(self.opt)
+
+
+class DiscriminatorLoss(nn.Module):  # the hinge loss on a real and a fake batch, one forward for DDP
+    def __init__(self, disc):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real, fake):
+        return tf.hinge_d_loss(self.disc(real), self.disc(fake))
+
+
+def pixel_losses(args, iters, lr, path):
+    """LPIPS (with --lpips-weights) and, for a run that reaches --disc-start, the GAN (resumed from
+    path with the stage) -> (lpips or None, gan or None)."""
+    with main_first(args.rank):  # one download, not one per rank
+        lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
+    log(args, f"{os.path.basename(path)[:-3]}: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
+              f"PatchGAN from step {args.disc_start}")
+    if args.disc_start >= iters:  # only a run that reaches the GAN builds (and saves) the discriminator
+        return lpips, None
+    with torch.random.fork_rng(devices=[]):  # its init leaves the training RNG (scale drop) as it was
+        disc = tf.PatchDiscriminator().to(args.device)
+    gan = GAN(disc, wrap(DiscriminatorLoss(disc), args.device, args.world_size),
+              torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),  # VQGAN's discriminator betas
+              args.disc_weight, args.adaptive_disc_weight)
+    if args.resume and os.path.exists(path) and "disc" in (ckpt := load_checkpoint(path, "tokenizer")):
+        disc.load_state_dict(matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
+        gan.opt.load_state_dict(ckpt["disc_optimizer"])
+    return lpips, gan
+
+
+def train_tokenizer(args, cfg):
+    teacher = teacher_for(args, cfg)
+    torch.manual_seed(args.seed)
+    tokenizer = tf.TokenFlow(cfg).to(args.device)
+    if tokenizer.sem_enc is not None:
+        tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
+    net = wrap(tokenizer, args.device, args.world_size, args.compile)
+
+    def forward(x):  # -> reconstruction, decoded semantic features, VQ loss, stats
+        x_rec, sem, stats = net(x)
+        return x_rec, sem, stats["vq"], {"usage": stats["usage"].item()}
+
+    return train_pixels(args, "tokenizer", tokenizer, net, forward, list(tokenizer.parameters()), teacher)
+
+
+def finetune_decoder(args, cfg):
+    """The enhanced-decoder stage: the encoders, codebooks and semantic decoder of OUT_DIR/tokenizer.pt
+    frozen, a pixel decoder of cfg's size (the trained one when the sizes agree, else a new one)
+    trained on the pixel losses of the inference-time features (all scales) -> OUT_DIR/decoder.pt,
+    a whole tokenizer with the same ids, so token files and GPT stay valid."""
+    trained, _ = load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
+    diff = tf.config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
+    if diff:
+        raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
+                         "pass the --codebook it was trained with, or finetune a tokenizer of this preset")
+    teacher = teacher_for(args, cfg)
+    torch.manual_seed(args.seed)
+    tokenizer, same = tf.TokenFlow(cfg), trained.cfg == cfg
+    missing, _ = tokenizer.load_state_dict({k: v for k, v in trained.state_dict().items()
+                                            if same or not k.startswith("pix_dec.")}, strict=same)
+    assert all(k.startswith("pix_dec.") for k in missing), missing  # only the new decoder starts fresh
+    tokenizer = tokenizer.to(args.device).requires_grad_(False)
+    tokenizer.pix_dec.requires_grad_(True)
+    path, net = os.path.join(args.out_dir, "decoder.pt"), wrap(tokenizer.pix_dec, args.device, args.world_size, args.compile)
+    resumed = args.resume and os.path.exists(path) and load_model(path, "tokenizer")[0]
+    if resumed and tokenizer_id(resumed) != tokenizer_id(trained):
+        raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
+                         "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
+    log(args, f"decoder: {'finetuning the trained' if same else 'training a new'} pixel decoder "
+              f"({sum(p.numel() for p in tokenizer.pix_dec.parameters()):,} parameters), the rest frozen")
+
+    def forward(x):  # the pixel terms only: no semantic output, no VQ loss
+        with torch.no_grad():
+            f_hat, _, _ = tokenizer.quantize(tokenizer.features(x), cfg.scales)
+        return net(tokenizer.pixel_half(f_hat)), None, 0, {}
+
+    return train_pixels(args, "decoder", tokenizer, net, forward, list(tokenizer.pix_dec.parameters()), teacher)
+
+
+def train_pixels(args, stage, tokenizer, net, forward, params, teacher):
+    """What the tokenizer stage and the decoder finetune share: tokenizer_loss on forward(x) ->
+    (x_rec, sem or None, vq, stats), the PatchGAN from --disc-start, OUT_DIR/<stage>.pt (a tokenizer
+    checkpoint either way), and the held-out tokenizer metrics."""
+    path, hp = os.path.join(args.out_dir, f"{stage}.pt"), stage_hparams(args, stage)
+    lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
+    data = dataset(args, tokenizer.cfg.image_size, "train")
+
+    def loss_fn(x, y, step):
+        x_rec, sem, vq, stats = forward(x)
+        with torch.no_grad():
+            target = teacher.features(x) if sem is not None else None  # (B, n*n, T)
+        active = gan if gan is not None and step >= args.disc_start else None
+        loss, log = tokenizer_loss(x, x_rec, sem, target, vq, lpips, active, tokenizer.pix_dec.conv_out.weight)
+        return loss, {**log, **stats}
+
+    def save_fn(step, state):
+        save_checkpoint(path, "tokenizer", tokenizer.cfg, tokenizer, step, classes=data.classes, args=vars(args),
+                        **state, **(gan.state() if gan else {}))
+
+    def eval_fn():  # rank 0 also draws held-out images over their reconstructions
+        grid = os.path.join(args.out_dir, "reconstructions.png") if args.rank == 0 else None
+        return evaluate_tokenizer(tokenizer, teacher, held_out(args, tokenizer.cfg, 128), args.device, args.dtype,
+                                  reduce=all_sum, grid_png=grid)
+
+    return train_loop(args, stage, tokenizer, net, params, data, loss_fn, eval_fn, save_fn, gan=gan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3 (toy preset): the judge, a small CNN that scores generated images (tf.Judge). It and the
+# GPT read the training images tokenized once into OUT_DIR/tokens/
+
+
+def train_judge(args, cfg):
+    """Training images and the tokenizer's reconstructions of them, each labelled with the image's
+    class (JUDGE: how many, per dataset) -> OUT_DIR/judge.pt. On shapes, half as many blobs
+    (ShapesDataset.blobs), also reconstructed, labelled "none of the classes". Trained on what the
+    decoder draws, the judge can score the GPT's images; held-out, it reports recon_class_acc (the
+    ceiling a generator can reach through this decoder) and acc (on the real images). The images
+    are the first of the GPT's training set, whose ids this stage tokenizes once for both."""
+    tokenizer, sizes = trained_tokenizer(args, cfg), JUDGE[args.dataset if args.dataset in JUDGE else "other"]
+    tokens = token_file(args, tokenizer, "train")
+    n = min(sizes["images"], len(tokens))
+    data = dataset(args, cfg.image_size, "train", args.token_images, augment=False)
+    x, y = map(torch.cat, zip(*eval_loader(torch.utils.data.Subset(data, range(n)), 256)))
+    x_rec = torch.cat([decoded(args, tokenizer, ids) for ids in torch.from_numpy(tokens.ids[:n].astype("int64")).split(256)])
+    none_class = isinstance(data, ShapesDataset)
+    if none_class:
+        blobs = list(zip(data.blobs(range(n // 2)), torch.full((n // 2,), data.num_classes)))
+        b, b_rec, b_y = reconstructions(tokenizer, eval_loader(blobs, 256), args.device, args.dtype)
+        x, x_rec, y = torch.cat([x, b]), torch.cat([x_rec, b_rec]), torch.cat([y, b_y])
+    torch.manual_seed(args.seed)
+    judge = tf.Judge(data.num_classes, none_class, sizes["width"]).to(args.device)
+    net = wrap(judge, args.device, args.world_size, args.compile)
+
+    def save_fn(step, state):
+        save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
+                        num_classes=judge.num_classes, none_class=none_class, width=sizes["width"], args=vars(args),
+                        **state)
+
+    pairs = torch.utils.data.TensorDataset(torch.cat([x, x_rec]), torch.cat([y, y]))
+    return train_loop(args, "judge", judge, net, list(judge.parameters()), pairs,
+                      lambda x, y, _: (F.cross_entropy(net(x), y), {}),
+                      lambda: evaluate_judge(judge, tokenizer, held_out(args, cfg), args.device, args.dtype, all_sum),
+                      save_fn, weight_decay=0.05)
+
+
+def token_file(args, tokenizer, split):
+    """A split tokenized once into OUT_DIR/tokens/ (utils/token_files.py), reused while the tokenizer's
+    encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
+    data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
+    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
+            "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
+            "dtype": args.dtype}  # (classes: a label is an index into them)
+
+    def encode(x):  # (b, 3, H, W) -> ids (b, L) on the CPU
+        with torch.no_grad(), autocast_ctx(args.device, args.dtype):
+            return tokenizer.encode(x.to(args.device)).cpu()
+
+    tokenizer.eval()
+    return cached_tokens(data, encode, os.path.join(args.out_dir, "tokens", split), meta, tokenizer.cfg.codebook_size,
+                         args.rank, args.world_size, show=args.rank == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: the next-scale GPT, on the tokenizer's ids
+
+
+def train_gpt(args, tok_cfg, gpt_cfg):
+    tokenizer = trained_tokenizer(args, tok_cfg)
+    train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
+    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
+    trained_on = load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
+    if trained_on != tid:
+        raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
+                         f"({trained_on[:12]} vs {tid[:12]} for {args.out_dir}/tokenizer.pt); "
+                         "train the GPT from scratch (drop --resume) or use another --out-dir")
+    classes = class_names(args, tok_cfg.image_size)  # the training split's, not the held-out one's
+    gpt_cfg = replace(gpt_cfg, num_classes=len(classes))
+    judge = trained_judge(args, classes)  # checked before training
+    torch.manual_seed(args.seed)
+    gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
+    net = wrap(gpt, args.device, args.world_size, args.compile)
+
+    def save_fn(step, state):
+        save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
+                        tokenizer_id=tid, classes=classes, args=vars(args), **state)
+
+    def eval_fn():  # rank 0 also draws 8 samples per class (at most 16 classes), the same at every evaluation
+        row = evaluate_gpt(gpt, eval_loader(rank_share(val_set, args.rank, args.world_size), 256), args.device,
+                           args.dtype, all_sum)
+        if args.rank == 0:
+            labels = torch.arange(min(gpt.cfg.num_classes, 16), device=args.device).repeat_interleave(8)
+            with autocast_ctx(args.device, args.dtype):
+                x = tokenizer.decode(gpt.generate(labels, generator=torch.Generator(args.device).manual_seed(args.seed)))
+            save_grid(list(x.float().split(8)), os.path.join(args.out_dir, "gpt_samples.png"))
+        return row
+
+    row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
+                     lambda idx, y, _: (tf.gpt_loss(net(idx, y), idx), {}), eval_fn, save_fn, weight_decay=0.05)
+    teacher = teacher_for(args, tok_cfg)  # (every rank: it waits for rank 0)
+    if judge is None and teacher.head is None:  # CLIP: nothing here classifies images
+        return row
+    recon = evaluate_judge(judge, tokenizer, held_out(args, tok_cfg), args.device, args.dtype, all_sum) if judge else {}
+    if args.rank == 0:  # the last row: how the samples read, at the default guidance and at 0
+        labels = torch.arange(len(classes), device=args.device).repeat_interleave(JUDGED_SAMPLES)
+        row = {"stage": "gpt", "step": row["step"], "split": "generated",
+               **generated_row(gpt, tokenizer, teacher, judge, labels, 256, args.seed, args.device, args.dtype,
+                               shapes=args.dataset == "shapes", recon_class_acc=recon.get("recon_class_acc"))}
+        log_metrics(args, row)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop every stage shares
+
+
+def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn, weight_decay=0.0, gan=None):
+    """lr -> every --eval-interval steps: evaluate + checkpoint -> forward/backward over the
+    micro-batches -> clip -> step (and one discriminator step with gan) -> EMA -> one log line. model
+    is the raw module (saved, evaluated), net what loss_fn calls (compiled / DDP); loss_fn(x, y, step)
+    -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, state) saves the model with the loop's
+    state into OUT_DIR/<stage>.pt."""
+    hp = stage_hparams(args, stage)
+    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.95), weight_decay=weight_decay,
+                            fused=args.device.startswith("cuda"))  # betas as TokenFlow
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
+    run = TrainState(model, opt, scaler, EMA(model, hp["ema"]) if hp["ema"] > 0 else None, args.device,
+                     os.path.join(args.out_dir, f"{stage}.pt"), save_fn, args.rank == 0, lambda text: log(args, text))
+    first = step = run.resume(stage) if args.resume else 0
+    faults = BadSteps(stage, lambda text: log(args, text))
+    batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, rank=args.rank,
+                             world_size=args.world_size, device=args.device, num_workers=args.num_workers,
+                             overfit=args.overfit_batch, start=step * args.grad_accum, log=lambda text: log(args, text))
+    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step or args.rank != 0)
+    t0 = time.time()
+    with Interrupt() as interrupt:
+        for step in bar:
+            lr = get_lr(step, hp["iters"], hp["lr"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if step > first and step % args.eval_interval == 0:  # (a resumed run has this row and file)
+                log_metrics(args, {"stage": stage, "step": step, "split": "val", **run.evaluate(eval_fn)})
+                run.save(step, faults)
+            model.train()
+            loss, stats, finite = accumulate(args, net, batches, loss_fn, step, scaler)
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
+            finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
+            shown, bad, stop = agree(args, {"loss": loss.item(), **stats}, finite, interrupt)
+            if bad:  # skip the update: every rank agrees, so the weights stay the same everywhere
+                faults.skip(step, run.where())
+            else:
+                scaler.step(opt)
+                if gan is not None:
+                    gan.step(scaler)  # one discriminator step per generator step
+                faults.ok()
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if gan is not None:
+                gan.opt.zero_grad(set_to_none=True)
+            if run.ema and not bad:
+                run.ema.update(model, step)
+            bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
+            if stop:  # a signal on some rank: the row and the checkpoint a resume needs, then exit
+                if (step + 1) % args.eval_interval == 0 and step + 1 < hp["iters"]:
+                    log_metrics(args, {"stage": stage, "step": step + 1, "split": "val", **run.evaluate(eval_fn)})
+                run.save(step + 1, faults)
+                interrupt.exit_after_signal(stage, step + 1, run.where(), lambda text: log(args, text))
+    row = {"stage": stage, "step": hp["iters"], "split": "val", **run.evaluate(eval_fn),
+           "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
+    log_metrics(args, row)
+    run.save(hp["iters"])
+    if run.ema:
+        model.load_state_dict(run.ema.weights)  # what later stages and sampling use, as load_model does
+    return row
+
+
+def accumulate(args, net, batches, loss_fn, step, scaler):
+    """Forward + backward of --grad-accum micro-batches -> (last loss, its stats, all losses finite?)."""
+    finite = True
+    for i in range(args.grad_accum):
+        x, y = next(batches)
+        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
+        sync = net.no_sync() if args.world_size > 1 and i < args.grad_accum - 1 else nullcontext()
+        with sync:
+            with autocast_ctx(args.device, args.dtype):
+                loss, stats = loss_fn(x, y, step)
+            finite = finite and bool(torch.isfinite(loss))
+            scaler.scale(loss / args.grad_accum).backward()
+    return loss, stats, finite
+
+
+def agree(args, shown, finite, interrupt):
+    """One all-reduce per step -> (the numbers shown, averaged over ranks; did any rank see a
+    non-finite loss or gradient?; did any rank get a signal?)."""
+    flags = {"bad": not finite, "stop": interrupt.signal is not None}
+    summed = dict(zip([*shown, *flags], all_sum(torch.tensor([*shown.values(), *flags.values()],
+                                                             dtype=torch.float64)).tolist()))
+    return {k: summed[k] / args.world_size for k in shown}, summed["bad"] > 0, summed["stop"] > 0
+
+
+def get_lr(step, iters, peak):
+    """Linear warmup, then cosine decay to peak / 10."""
+    warmup = max(1, int(WARMUP * iters))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, iters - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Per-stage defaults, used where the command line leaves a value unset
@@ -80,6 +462,103 @@ JUDGE = {  # dataset -> training images the judge reads (each also as its recons
 JUDGED_SAMPLES = 64  # generated images per class that the GPT stage's last row scores
 CODEBOOKS = {"dual": {}, "pixel": dict(sem_dim=0), "semantic": dict(pix_dim=0)}  # --codebook: a half of width 0 is absent
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate
+
+
+def stages(args):
+    """The stages this run trains, in order."""
+    if args.finetune_decoder:
+        return ["decoder"]
+    return [s for s in ("teacher", "tokenizer", "judge", "gpt") if args.stage in ("all", s)
+            and not (s == "teacher" and args.teacher != "toy") and (args.preset, s) in DEFAULTS]
+
+
+def stage_hparams(args, stage):
+    """iters, batch_size, lr, ema of a stage: the command line's where given, else DEFAULTS (with the
+    toy preset, changed by DATASET_DEFAULTS)."""
+    defaults = {**DEFAULTS[(args.preset, stage)],
+                **(DATASET_DEFAULTS.get((args.dataset, stage), {}) if args.preset == "toy" else {})}
+    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: the run's data, the models earlier stages trained, logging
+
+
+def dataset(args, image_size, split, size=None, augment=None):
+    """The train or val split of --dataset (val: --eval-images images)."""
+    size = size or (args.eval_images if split == "val" else None)
+    return make_dataset(args.dataset, args.data_path, split, image_size, size, args.seed, augment, args.out_dir)
+
+
+def held_out(args, cfg, batch_size=256):
+    """This rank's share of the held-out split, in order."""
+    return eval_loader(rank_share(dataset(args, cfg.image_size, "val"), args.rank, args.world_size), batch_size)
+
+
+def class_names(args, image_size):
+    """The run's classes: the training split's, which the held-out split, the teacher and the GPT
+    follow; every checkpoint keeps them (sample.py --classes takes names)."""
+    return dataset(args, image_size, "train").classes
+
+
+def teacher_for(args, cfg):
+    """The frozen teacher of --teacher on the device (rank 0 downloads CLIP first); a toy teacher
+    must know the run's classes."""
+    with main_first(args.rank):
+        path = teacher_path(args.teacher, args.out_dir)
+    classes = class_names(args, cfg.image_size)
+    return load_teacher(path, cfg, maybe_clip=args.teacher != "toy", classes=classes).to(args.device)
+
+
+def trained_tokenizer(args, cfg):
+    """OUT_DIR/tokenizer.pt, frozen on the device, checked against the preset's config cfg."""
+    path = os.path.join(args.out_dir, "tokenizer.pt")
+    tokenizer, _ = load_model(path, "tokenizer")
+    diff = tf.config_diff(tokenizer.cfg, cfg)
+    if diff:
+        raise ValueError(f"tokenizer {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
+                         "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
+                         f"for this preset first (python train.py --preset {args.preset} --stage tokenizer --out-dir "
+                         f"{shlex.quote(args.out_dir)})")
+    return tokenizer.to(args.device).eval().requires_grad_(False)
+
+
+def trained_judge(args, classes):
+    """OUT_DIR/judge.pt on the device, checked against the run's classes; None if there is none."""
+    path = os.path.join(args.out_dir, "judge.pt")
+    if os.path.exists(path):
+        fix = f"train the judge on this data (python train.py --stage judge --out-dir {shlex.quote(args.out_dir)})"
+        return load_model(path, "judge", classes=classes, fix=fix)[0].to(args.device).eval()
+    if (args.preset, "judge") in DEFAULTS:
+        log(args, f"no {path}: the GPT's samples will not be scored (python train.py --stage judge "
+                  f"--out-dir {shlex.quote(args.out_dir)} trains the judge)")
+
+
+@torch.no_grad()
+def decoded(args, tokenizer, ids_BL):
+    """Ids -> images (B, 3, H, W) in [-1, 1] on the CPU, through the pixel decoder."""
+    with autocast_ctx(args.device, args.dtype):
+        return tokenizer.decode(ids_BL.to(args.device)).float().clamp(-1, 1).cpu()
+
+
+def log(args, text):
+    if args.rank == 0:
+        tqdm.write(text)
+
+
+def log_metrics(args, row, echo=True):
+    """One row of OUT_DIR/metrics.jsonl and (echo) of the console, from rank 0."""
+    if args.rank != 0:
+        return
+    with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if echo:
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and main
+
 NUMBERS = {  # what each numeric flag must be, checked when the command line is parsed
     "iters": (lambda v: v >= 0, ">= 0"), "num_workers": (lambda v: v >= 0, ">= 0"),
     "disc_start": (lambda v: v >= 0, ">= 0"), "seed": SEED,
@@ -184,7 +663,7 @@ def checked(p, args):
         p.error(f"preset {args.preset!r} has no judge stage: the judge is a toy-preset classifier; use --preset toy")
     if args.finetune_decoder and args.stage != "tokenizer":
         p.error("--finetune-decoder is a tokenizer-stage run: add --stage tokenizer")
-    args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    args.rank, args.world_size = rank_and_world_size()  # torchrun's
     for stage in stages(args):
         batch, ranks = stage_hparams(args, stage)["batch_size"], args.world_size * args.grad_accum
         if batch % ranks:
@@ -192,566 +671,17 @@ def checked(p, args):
                     f"--grad-accum {args.grad_accum} = {ranks}; pick a multiple of {ranks}")
     if args.token_images is None:
         args.token_images = TOKEN_IMAGES.get(args.dataset)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    check_device(p, args.device)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    args.device, args.dtype = device_and_dtype(p, args.device, args.dtype)
     if args.compile and (missing := compile_toolchain_missing(args.device)):
         log(args, f"warning: --compile needs {missing}; training without torch.compile")
         args.compile = False
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Small helpers: stages and their hyper-parameters, the learning rate, logging
-
-
-def stages(args):
-    """The stages this run trains, in order."""
-    if args.finetune_decoder:
-        return ["decoder"]
-    return [s for s in ("teacher", "tokenizer", "judge", "gpt") if args.stage in ("all", s)
-            and not (s == "teacher" and args.teacher != "toy") and (args.preset, s) in DEFAULTS]
-
-
-def stage_hparams(args, stage):
-    """iters, batch_size, lr, ema of a stage: the command line's where given, else DEFAULTS (with the
-    toy preset, changed by DATASET_DEFAULTS)."""
-    defaults = {**DEFAULTS[(args.preset, stage)],
-                **(DATASET_DEFAULTS.get((args.dataset, stage), {}) if args.preset == "toy" else {})}
-    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
-
-
-def get_lr(step, iters, peak):
-    """Linear warmup, then cosine decay to peak / 10."""
-    warmup = max(1, int(WARMUP * iters))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, iters - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def log(args, text):
-    if is_main(args):
-        tqdm.write(text)
-
-
-def log_metrics(args, row, echo=True):
-    """One row of OUT_DIR/metrics.jsonl and (echo) of the console, from rank 0."""
-    if not is_main(args):
-        return
-    with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if echo:
-        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-
-
-def dataset(args, image_size, split, size=None, augment=None):
-    """The train or val split of --dataset (val: --eval-images images)."""
-    size = size or (args.eval_images if split == "val" else None)
-    return make_dataset(args.dataset, args.data_path, split, image_size, size, args.seed, augment, args.out_dir)
-
-
-def held_out(args, cfg, batch_size=256):
-    """This rank's share of the held-out split, in order."""
-    return eval_loader(rank_share(dataset(args, cfg.image_size, "val"), args.rank, args.world_size), batch_size)
-
-
-def class_names(args, image_size):
-    """The run's classes: the training split's, which the held-out split, the teacher and the GPT
-    follow; every checkpoint keeps them (sample.py --classes takes names)."""
-    return dataset(args, image_size, "train").classes
-
-
-def teacher_for(args, cfg):
-    """The frozen teacher of --teacher on the device (rank 0 downloads CLIP first); a toy teacher
-    must know the run's classes."""
-    with main_first(args):
-        path = teacher_path(args.teacher, args.out_dir)
-    classes = class_names(args, cfg.image_size)
-    return load_teacher(path, cfg, maybe_clip=args.teacher != "toy", classes=classes).to(args.device)
-
-
-def report_data(args, image_size):
-    """One line at start-up: the images found in each split (a folder scan drops or adds nothing
-    unsaid), of which an evaluation reads --eval-images held-out ones."""
-    if args.dataset == "shapes":
-        return log(args, f"data: shapes, rendered on the fly, {len(class_names(args, image_size))} classes")
-    train, val = (dataset(args, image_size, split, size=2**62) for split in ("train", "val"))  # 2**62: all of them
-    log(args, f"data: {args.data_path}: {len(train):,} training images in {train.num_classes} classes, "
-              f"{len(val):,} held-out images (each evaluation reads {min(len(val), args.eval_images):,})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 1: the toy teacher, a small ViT classifier standing in for CLIP
-
-
-def train_teacher(args, cfg):
-    torch.manual_seed(args.seed)
-    data = dataset(args, cfg.image_size, "train")
-    teacher = tf.Teacher(cfg, data.num_classes).to(args.device)
-    net = wrap(args, teacher)
-
-    def save_fn(step, state):
-        save_checkpoint(os.path.join(args.out_dir, "teacher.pt"), "teacher", cfg, teacher, step,
-                           num_classes=teacher.num_classes, classes=data.classes, args=vars(args), **state)
-
-    return train_loop(args, "teacher", teacher, net, list(teacher.parameters()), data,
-                      lambda x, y, _: (F.cross_entropy(net(x), y), {}),
-                      lambda: evaluate_teacher(teacher, held_out(args, teacher.cfg), args.device, args.dtype, all_sum),
-                      save_fn, weight_decay=0.05)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 2: the tokenizer. Its loss (TokenFlow Sec. 3.3): L2 + LPIPS + PatchGAN on the pixel side,
-# cosine to the teacher's features on the semantic side, plus the VQ loss.
-
-
-@dataclass
-class GAN:
-    """The PatchGAN of the pixel loss (VQGAN): discriminator, its loss as DDP runs it, its optimiser."""
-    disc: nn.Module
-    d_loss: nn.Module
-    opt: torch.optim.Optimizer
-    weight: float = 0.5
-    adaptive: bool = False  # scale by VQGAN's ratio of gradient norms (tf.adaptive_weight)
-
-    def state(self):  # what a checkpoint keeps
-        return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt.state_dict()}
-
-
-class DiscriminatorLoss(nn.Module):  # the hinge loss on a real and a fake batch, one forward for DDP
-    def __init__(self, disc):
-        super().__init__()
-        self.disc = disc
-
-    def forward(self, real, fake):
-        return tf.hinge_d_loss(self.disc(real), self.disc(fake))
-
-
-def discriminator_step(gan, x, x_rec):
-    """One optimiser step of the discriminator on a real and a reconstructed batch -> its loss. A
-    step whose gradients are not finite is not taken (they are all-reduced: every rank agrees)."""
-    gan.opt.zero_grad(set_to_none=True)
-    d_loss = gan.d_loss(x, x_rec.detach())
-    d_loss.backward()
-    if all(p.grad.isfinite().all() for p in gan.disc.parameters()):
-        gan.opt.step()
-    return d_loss
-
-
-def tokenizer_loss(x, x_rec, sem, target, vq, lpips=None, gan=None, last_layer=None):
-    """TokenFlow's objective on one batch -> (loss, dict of floats): L2 + LPIPS (weight 1, with
-    lpips) + the generator's hinge term (weight gan.weight, with gan; the discriminator steps first,
-    discriminator_step) + the semantic loss mean(1 - cos(sem, target)) (absent when sem is None,
-    --codebook pixel) + vq. x, x_rec (B, 3, H, W); sem, target (B, n*n, T)."""
-    rec = F.mse_loss(x_rec, x) + (lpips(x_rec, x).mean() if lpips else 0)
-    loss, stats = rec + vq, {"rec": rec.item()}
-    if gan is not None:
-        gan.disc.requires_grad_(False)  # the generator's term trains the decoder, not the discriminator
-        g_loss = -gan.disc(x_rec).mean()
-        gan.disc.requires_grad_(True)
-        w = tf.adaptive_weight(rec, g_loss, last_layer) if gan.adaptive else 1
-        if gan.adaptive and dist.is_initialized():  # each rank's is from its own batch: use their mean
-            w = all_sum(w.clone()) / dist.get_world_size()
-        loss, stats = loss + gan.weight * w * g_loss, {**stats, "g": g_loss.item()}
-    if sem is not None:
-        sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()
-        loss, stats = loss + sem_loss, {**stats, "sem": sem_loss.item()}
-    return loss, stats
-
-
-def pixel_losses(args, iters, lr, path):
-    """LPIPS (with --lpips-weights) and, for a run that reaches --disc-start, the GAN (resumed from
-    path with the stage) -> (lpips or None, gan or None)."""
-    with main_first(args):  # one download, not one per rank
-        lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
-    log(args, f"{os.path.basename(path)[:-3]}: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
-              f"PatchGAN from step {args.disc_start}")
-    if args.disc_start >= iters:  # only a run that reaches the GAN builds (and saves) the discriminator
-        return lpips, None
-    with torch.random.fork_rng(devices=[]):  # its init leaves the training RNG (scale drop) as it was
-        disc = tf.PatchDiscriminator().to(args.device)
-    gan = GAN(disc, wrap(args, DiscriminatorLoss(disc)), torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),
-              args.disc_weight, args.adaptive_disc_weight)  # VQGAN's discriminator betas
-    if args.resume and os.path.exists(path) and "disc" in (ckpt := load_checkpoint(path, "tokenizer")):
-        disc.load_state_dict(matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
-        gan.opt.load_state_dict(ckpt["disc_optimizer"])
-    return lpips, gan
-
-
-def gan_step(args, gan, x, x_rec, step):
-    """From --disc-start on: one discriminator_step, then the GAN for the generator's term; else None."""
-    if gan is None or step < args.disc_start:
-        return None, {}
-    return gan, {"d": discriminator_step(gan, x, x_rec).item()}
-
-
-def train_tokenizer(args, cfg):
-    teacher = teacher_for(args, cfg)
-    torch.manual_seed(args.seed)
-    tokenizer = tf.TokenFlow(cfg).to(args.device)
-    if tokenizer.sem_enc is not None:
-        tokenizer.sem_enc.load_state_dict(teacher.vit.state_dict())  # the semantic encoder starts as the teacher
-    net, path, hp = wrap(args, tokenizer), os.path.join(args.out_dir, "tokenizer.pt"), stage_hparams(args, "tokenizer")
-    lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
-    data = dataset(args, cfg.image_size, "train")
-
-    def loss_fn(x, y, step):
-        x_rec, sem, stats = net(x)
-        active, d_stats = gan_step(args, gan, x, x_rec, step)
-        with torch.no_grad():
-            target = teacher.features(x) if sem is not None else None  # (B, n*n, T)
-        loss, log = tokenizer_loss(x, x_rec, sem, target, stats["vq"], lpips, active, tokenizer.pix_dec.conv_out.weight)
-        return loss, {**log, **d_stats, "usage": stats["usage"].item()}
-
-    def save_fn(step, state):
-        save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
-                           **(gan.state() if gan else {}))
-
-    return train_loop(args, "tokenizer", tokenizer, net, list(tokenizer.parameters()), data, loss_fn,
-                      lambda: evaluate_tokenizer_stage(args, tokenizer, teacher), save_fn)
-
-
-def evaluate_tokenizer_stage(args, tokenizer, teacher):
-    """evaluate_tokenizer on this rank's share of the held-out split, summed over ranks."""
-    grid = os.path.join(args.out_dir, "reconstructions.png") if is_main(args) else None
-    return evaluate_tokenizer(tokenizer, teacher, held_out(args, tokenizer.cfg, 128), args.device, args.dtype,
-                              reduce=all_sum, grid_png=grid)
-
-
-def finetune_decoder(args, cfg):
-    """The enhanced-decoder stage: the encoders, codebooks and semantic decoder of OUT_DIR/tokenizer.pt
-    frozen, a pixel decoder of cfg's size (the trained one when the sizes agree, else a new one)
-    trained on the pixel losses of the inference-time features (all scales) -> OUT_DIR/decoder.pt,
-    a whole tokenizer with the same ids, so token files and GPT stay valid."""
-    trained, _ = load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
-    diff = tf.config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
-    if diff:
-        raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
-                         "pass the --codebook it was trained with, or finetune a tokenizer of this preset")
-    teacher = teacher_for(args, cfg)
-    torch.manual_seed(args.seed)
-    tokenizer, same = tf.TokenFlow(cfg), trained.cfg == cfg
-    missing, _ = tokenizer.load_state_dict({k: v for k, v in trained.state_dict().items()
-                                            if same or not k.startswith("pix_dec.")}, strict=same)
-    assert all(k.startswith("pix_dec.") for k in missing), missing  # only the new decoder starts fresh
-    tokenizer = tokenizer.to(args.device).requires_grad_(False)
-    tokenizer.pix_dec.requires_grad_(True)
-    net, path, hp = wrap(args, tokenizer.pix_dec), os.path.join(args.out_dir, "decoder.pt"), stage_hparams(args, "decoder")
-    resumed = args.resume and os.path.exists(path) and load_model(path, "tokenizer")[0]
-    if resumed and tokenizer_id(resumed) != tokenizer_id(trained):
-        raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
-                         "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
-    lpips, gan = pixel_losses(args, hp["iters"], hp["lr"], path)
-    log(args, f"decoder: {'finetuning the trained' if same else 'training a new'} pixel decoder "
-              f"({sum(p.numel() for p in tokenizer.pix_dec.parameters()):,} parameters), the rest frozen")
-
-    def loss_fn(x, y, step):
-        with torch.no_grad():
-            f_hat, _, _ = tokenizer.quantize(tokenizer.features(x), cfg.scales)
-        x_rec = net(tokenizer.pixel_half(f_hat))
-        active, d_stats = gan_step(args, gan, x, x_rec, step)
-        loss, log = tokenizer_loss(x, x_rec, sem=None, target=None, vq=0, lpips=lpips, gan=active,
-                                   last_layer=tokenizer.pix_dec.conv_out.weight)  # the pixel terms only
-        return loss, {**log, **d_stats}
-
-    data = dataset(args, cfg.image_size, "train")
-
-    def save_fn(step, state):
-        save_checkpoint(path, "tokenizer", cfg, tokenizer, step, classes=data.classes, args=vars(args), **state,
-                           **(gan.state() if gan else {}))
-
-    return train_loop(args, "decoder", tokenizer, net, list(tokenizer.pix_dec.parameters()), data, loss_fn,
-                      lambda: evaluate_tokenizer_stage(args, tokenizer, teacher), save_fn)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 3 (toy preset): the judge, a small CNN that scores generated images (tf.Judge). It and the
-# GPT read the training images tokenized once into OUT_DIR/tokens/
-
-
-def trained_tokenizer(args, cfg):
-    """OUT_DIR/tokenizer.pt, frozen on the device, checked against the preset's config cfg."""
-    path = os.path.join(args.out_dir, "tokenizer.pt")
-    tokenizer, _ = load_model(path, "tokenizer")
-    diff = tf.config_diff(tokenizer.cfg, cfg)
-    if diff:
-        raise ValueError(f"tokenizer {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
-                         "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "
-                         f"for this preset first (python train.py --preset {args.preset} --stage tokenizer --out-dir "
-                         f"{shlex.quote(args.out_dir)})")
-    return tokenizer.to(args.device).eval().requires_grad_(False)
-
-
-def token_file(args, tokenizer, split):
-    """A split tokenized once into OUT_DIR/tokens/ (data.token_file), reused while the tokenizer's
-    encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
-    data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
-    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
-            "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
-            "dtype": args.dtype}  # (classes: a label is an index into them)
-
-    def encode(x):  # (b, 3, H, W) -> ids (b, L) on the CPU
-        with torch.no_grad(), autocast_ctx(args.device, args.dtype):
-            return tokenizer.encode(x.to(args.device)).cpu()
-
-    tokenizer.eval()
-    return cached_tokens(data, encode, os.path.join(args.out_dir, "tokens", split), meta, tokenizer.cfg.codebook_size,
-                         args.rank, args.world_size, show=is_main(args))
-
-
-def decoded(args, tokenizer, ids_BL):
-    """Ids -> images (B, 3, H, W) in [-1, 1] on the CPU, through the pixel decoder."""
-    with torch.no_grad(), autocast_ctx(args.device, args.dtype):
-        return tokenizer.decode(ids_BL.to(args.device)).float().clamp(-1, 1).cpu()
-
-
-def train_judge(args, cfg):
-    """Training images and the tokenizer's reconstructions of them, each labelled with the image's
-    class (JUDGE: how many, per dataset) -> OUT_DIR/judge.pt. On shapes, half as many blobs
-    (ShapesDataset.blobs), also reconstructed, labelled "none of the classes". Trained on what the
-    decoder draws, the judge can score the GPT's images; held-out, it reports recon_class_acc (the
-    ceiling a generator can reach through this decoder) and acc (on the real images). The images
-    are the first of the GPT's training set, whose ids this stage tokenizes once for both."""
-    tokenizer, sizes = trained_tokenizer(args, cfg), JUDGE[args.dataset if args.dataset in JUDGE else "other"]
-    tokens = token_file(args, tokenizer, "train")
-    n = min(sizes["images"], len(tokens))
-    data = dataset(args, cfg.image_size, "train", args.token_images, augment=False)
-    x, y = map(torch.cat, zip(*eval_loader(torch.utils.data.Subset(data, range(n)), 256)))
-    x_rec = torch.cat([decoded(args, tokenizer, ids) for ids in torch.from_numpy(tokens.ids[:n].astype("int64")).split(256)])
-    none_class = isinstance(data, ShapesDataset)
-    if none_class:
-        blobs = list(zip(data.blobs(range(n // 2)), torch.full((n // 2,), data.num_classes)))
-        b, b_rec, b_y = reconstructions(tokenizer, eval_loader(blobs, 256), args.device, args.dtype)
-        x, x_rec, y = torch.cat([x, b]), torch.cat([x_rec, b_rec]), torch.cat([y, b_y])
-    torch.manual_seed(args.seed)
-    judge = tf.Judge(data.num_classes, none_class, sizes["width"]).to(args.device)
-    net = wrap(args, judge)
-
-    def save_fn(step, state):
-        save_checkpoint(os.path.join(args.out_dir, "judge.pt"), "judge", cfg, judge, step, classes=data.classes,
-                           num_classes=judge.num_classes, none_class=none_class, width=sizes["width"], args=vars(args),
-                           **state)
-
-    pairs = torch.utils.data.TensorDataset(torch.cat([x, x_rec]), torch.cat([y, y]))
-    return train_loop(args, "judge", judge, net, list(judge.parameters()), pairs,
-                      lambda x, y, _: (F.cross_entropy(net(x), y), {}),
-                      lambda: evaluate_judge(judge, tokenizer, held_out(args, cfg), args.device, args.dtype, all_sum),
-                      save_fn, weight_decay=0.05)
-
-
-def trained_judge(args, classes):
-    """OUT_DIR/judge.pt on the device, checked against the run's classes."""
-    path = os.path.join(args.out_dir, "judge.pt")
-    judge, ckpt = load_model(path, "judge")
-    check_classes(ckpt.get("classes"), classes, f"judge {path}", "train the judge on this data (python train.py "
-                  f"--stage judge --out-dir {shlex.quote(args.out_dir)})")
-    return judge.to(args.device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 4: the next-scale GPT, on the tokenizer's ids
-
-
-def evaluate_gpt_stage(args, gpt, tokenizer, val):
-    """evaluate_gpt over the ranks' shares; rank 0 writes 8 samples per class (at most 16 classes,
-    the same at every evaluation) to gpt_samples.png."""
-    row = evaluate_gpt(gpt, eval_loader(rank_share(val, args.rank, args.world_size), 256), args.device, args.dtype, all_sum)
-    if is_main(args):
-        labels = torch.arange(min(gpt.cfg.num_classes, 16), device=args.device).repeat_interleave(8)
-        with torch.no_grad(), autocast_ctx(args.device, args.dtype):
-            x = tokenizer.decode(gpt.generate(labels, generator=torch.Generator(args.device).manual_seed(args.seed)))
-        save_grid(list(x.split(8)), os.path.join(args.out_dir, "gpt_samples.png"))
-    return row
-
-
-def train_gpt(args, tok_cfg, gpt_cfg):
-    tokenizer_path, tokenizer = os.path.join(args.out_dir, "tokenizer.pt"), trained_tokenizer(args, tok_cfg)
-    train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
-    gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
-    trained_on = load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
-    if trained_on != tid:
-        raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
-                         f"({trained_on[:12]} vs {tid[:12]} for {tokenizer_path}); "
-                         "train the GPT from scratch (drop --resume) or use another --out-dir")
-    classes = class_names(args, tok_cfg.image_size)  # the training split's, not the held-out one's
-    gpt_cfg = replace(gpt_cfg, num_classes=len(classes))
-    judge_path = os.path.join(args.out_dir, "judge.pt")
-    judge = trained_judge(args, classes) if os.path.exists(judge_path) else None  # checked before training
-    if judge is None and (args.preset, "judge") in DEFAULTS:
-        log(args, f"no {judge_path}: the GPT's samples will not be scored (python train.py --stage judge "
-                  f"--out-dir {shlex.quote(args.out_dir)} trains the judge)")
-    labels = torch.arange(len(classes), device=args.device).repeat_interleave(JUDGED_SAMPLES)
-    torch.manual_seed(args.seed)
-    gpt = tf.GPT(gpt_cfg, tokenizer).to(args.device)
-    net = wrap(args, gpt)
-
-    def save_fn(step, state):
-        save_checkpoint(gpt_path, "gpt", gpt_cfg, gpt, step, tokenizer_config=asdict(tokenizer.cfg),
-                           tokenizer_id=tid, classes=classes, args=vars(args), **state)
-
-    row = train_loop(args, "gpt", gpt, net, list(gpt.parameters()), train_set,
-                     lambda idx, y, _: (tf.gpt_loss(net(idx, y), idx), {}),
-                     lambda: evaluate_gpt_stage(args, gpt, tokenizer, val_set), save_fn, weight_decay=0.05)
-    teacher = teacher_for(args, tok_cfg)  # (every rank: it waits for rank 0)
-    if judge is None and teacher.head is None:  # CLIP: nothing here classifies images
-        return row
-    recon = evaluate_judge(judge, tokenizer, held_out(args, tok_cfg), args.device, args.dtype, all_sum) if judge else {}
-    if is_main(args):  # the last row: how the samples read, at the default guidance and at 0
-        row = {"stage": "gpt", "step": row["step"], "split": "generated", "cfg": DEFAULT_CFG, "images": len(labels),
-               **{k: v for k, v in recon.items() if k == "recon_class_acc"}}
-        for cfg in (DEFAULT_CFG, 0.0):
-            scores, _, _ = score_generated(gpt, tokenizer, teacher, judge, labels, 256, args.seed, args.device,
-                                           args.dtype, shapes=args.dataset == "shapes", cfg=cfg)
-            row.update({k if cfg == DEFAULT_CFG else f"{k}_cfg0": v for k, v in scores.items()
-                        if cfg == DEFAULT_CFG or k != "class_acc_per_class"})
-        log_metrics(args, row)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop every stage shares
-
-
-def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn, weight_decay=0.0):
-    """lr -> every --eval-interval steps: evaluate + checkpoint -> forward/backward over the
-    micro-batches -> clip -> step -> EMA -> one log line. model is the raw module (saved, evaluated),
-    net what loss_fn calls (compiled / DDP); loss_fn(x, y, step) -> (loss, dict of floats);
-    eval_fn() -> dict; save_fn(step, state) saves the model with the loop's state. Faults (a
-    non-finite step, SIGINT / SIGTERM) are handled by data/checkpoints.py's helpers."""
-    hp = stage_hparams(args, stage)
-    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.95), weight_decay=weight_decay,
-                            fused=args.device.startswith("cuda"))  # betas as TokenFlow
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
-    ema = EMA(model, hp["ema"]) if hp["ema"] > 0 else None
-    checkpoints = Checkpoints(args.out_dir, stage, model, opt, scaler, ema, save_fn, eval_fn, args.device, is_main(args),
-                              log=lambda text: log(args, text), log_row=lambda row: log_metrics(args, row))
-    first = step = checkpoints.resume() if args.resume else 0
-    faults = BadSteps(stage, checkpoints)
-    batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, rank=args.rank,
-                             world_size=args.world_size, device=args.device, num_workers=args.num_workers,
-                             overfit=args.overfit_batch, start=step * args.grad_accum, log=lambda text: log(args, text))
-    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step or not is_main(args))
-    t0 = time.time()
-    with Interrupt() as interrupt:
-        for step in bar:
-            lr = get_lr(step, hp["iters"], hp["lr"])
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if step > first and step % args.eval_interval == 0:  # (a resumed run has this row and file)
-                checkpoints.evaluate_and_save(step, save=faults.in_a_row == 0)
-            model.train()
-            loss, stats, finite = accumulate(args, net, batches, loss_fn, step, scaler)
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
-            finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
-            shown, bad, stop = agree(args, {"loss": loss.item(), **stats}, finite, interrupt)
-            if bad:  # skip the update: every rank agrees, so the weights stay the same everywhere
-                faults.skip(step)
-            else:
-                scaler.step(opt)
-                faults.ok()
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if ema and not bad:
-                ema.update(model, step)
-            bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
-            if stop:
-                stop_on_signal(step + 1, hp["iters"], args.eval_interval, interrupt, checkpoints, faults)
-    row = {"stage": stage, "step": hp["iters"], "split": "val", **checkpoints.evaluate(),
-           "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
-    log_metrics(args, row)
-    checkpoints.save(hp["iters"])
-    if ema:
-        model.load_state_dict(ema.weights)  # what later stages and sampling use, as load_model does
-    return row
-
-
-def accumulate(args, net, batches, loss_fn, step, scaler):
-    """Forward + backward of --grad-accum micro-batches -> (last loss, its stats, all losses finite?)."""
-    finite = True
-    for i in range(args.grad_accum):
-        x, y = next(batches)
-        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
-        sync = net.no_sync() if args.world_size > 1 and i < args.grad_accum - 1 else nullcontext()
-        with sync:
-            with autocast_ctx(args.device, args.dtype):
-                loss, stats = loss_fn(x, y, step)
-            finite = finite and bool(torch.isfinite(loss))
-            scaler.scale(loss / args.grad_accum).backward()
-    return loss, stats, finite
-
-
-def agree(args, shown, finite, interrupt):
-    """One all-reduce per step -> (the numbers shown, averaged over ranks; did any rank see a
-    non-finite loss or gradient?; did any rank get a signal?)."""
-    flags = {"bad": not finite, "stop": interrupt.signal is not None}
-    summed = dict(zip([*shown, *flags], all_sum(torch.tensor([*shown.values(), *flags.values()],
-                                                             dtype=torch.float64)).tolist()))
-    return {k: summed[k] / args.world_size for k in shown}, summed["bad"] > 0, summed["stop"] > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed data parallel: torchrun starts one process per device and sets RANK, WORLD_SIZE and
-# LOCAL_RANK; without it this is one process of rank 0 in a world of 1 and every helper is a no-op.
-
-
-def setup_distributed(args):
-    """Join torchrun's process group, if there is one (get_args read rank and world size)."""
-    if args.world_size > 1:
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-
-
-def is_main(args):
-    """Rank 0 alone logs, writes images and checkpoints."""
-    return args.rank == 0
-
-
-def all_sum(t):
-    """A tensor summed over ranks (itself in one process), on the device it came from. NCCL
-    reduces CUDA tensors only, so the sum runs on this rank's GPU there."""
-    if not dist.is_initialized():
-        return t
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    total = t.to(device)
-    dist.all_reduce(total)
-    return total.to(t.device)
-
-
-@contextmanager
-def main_first(args):
-    """Rank 0 runs the block (a download, say) before the other ranks do."""
-    if not is_main(args):
-        barrier()
-    yield
-    if is_main(args):
-        barrier()
-
-
-def wrap(args, model):
-    """The module the loss calls: compiled with --compile, DDP-wrapped under torchrun (DDP averages
-    gradients over ranks in backward). The raw module stays the one saved and evaluated. On CUDA its
-    conv weights go channels_last: cuDNN's NHWC kernels, no layout transforms (tf.GroupNorm keeps it)."""
-    if args.device.startswith("cuda"):
-        model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    if args.world_size > 1:
-        net = DDP(net, device_ids=[args.device] if args.device.startswith("cuda") else None,
-                  gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second fp32 copy
-    return net
-
-
-# ---------------------------------------------------------------------------------------------
-
 
 def main(argv=None):
     args = get_args(argv)
-    setup_distributed(args)
+    args.device = distributed.setup(args.device, args.world_size)
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
     cfg = replace(cfg, **CODEBOOKS[args.codebook], codebook_size=args.codebook_size or cfg.codebook_size)
@@ -760,11 +690,10 @@ def main(argv=None):
            "decoder": lambda: finetune_decoder(args, cfg), "judge": lambda: train_judge(args, cfg),
            "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
     try:
-        report_data(args, cfg.image_size)
+        log(args, describe(args.dataset, args.data_path, cfg.image_size, args.seed, args.eval_images, args.out_dir))
         return {stage: run[stage]() for stage in stages(args)}
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.teardown()
 
 
 def cli(argv=None):

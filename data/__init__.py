@@ -1,17 +1,14 @@
 """
 Data for every script: dataset selection (make_dataset), batches for training and evaluation,
-each rank's share under torchrun, and the GPT's tokenized dataset. The datasets themselves live in
+and the GPT's dataset of tokenized images. The datasets themselves live in
 data/shapes.py (synthetic), data/fashion_mnist.py (IDX files) and data/folders.py (ImageFolder
 layout); each data/<name>/ folder holds that dataset's notes and prepare.py.
 """
 
-import json
 import os
 
 import numpy as np
 import torch
-import torch.distributed
-from tqdm import tqdm
 
 from data.fashion_mnist import FashionMNIST, missing_files
 from data.folders import FolderDataset
@@ -36,6 +33,17 @@ def resolve_data_path(name, data_path):
         raise ValueError(f"--dataset {name} needs --data-path DIR with DIR/train/<class>/<image>; "
                          f"got {data_path!r} ({fix})")
     return data_path
+
+
+def describe(name, data_path, image_size, seed=0, eval_images=EVAL_IMAGES, cache_dir="."):
+    """One line on a dataset: the images found in each split (a folder scan drops or adds nothing
+    unsaid), of which an evaluation reads eval_images held-out ones."""
+    train = make_dataset(name, data_path, "train", image_size, 2**62, seed, cache_dir=cache_dir)  # 2**62: all of them
+    if name == "shapes":
+        return f"data: shapes, rendered on the fly, {train.num_classes} classes"
+    val = make_dataset(name, data_path, "val", image_size, 2**62, seed, cache_dir=cache_dir)
+    return (f"data: {data_path}: {len(train):,} training images in {train.num_classes} classes, "
+            f"{len(val):,} held-out images (each evaluation reads {min(len(val), eval_images):,})")
 
 
 def spread(dataset, n):
@@ -93,31 +101,6 @@ class TokenDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
 
-def save_atomically(path, save, *arrays, **named):
-    """save(file, *arrays, **named) (np.save, np.savez) into a temporary file, then a rename, so a
-    crash never leaves half a file."""
-    with open(f"{path}.tmp", "wb") as f:
-        save(f, *arrays, **named)
-    os.replace(f"{path}.tmp", path)
-
-
-def rank_block(n, rank, world_size):
-    """This rank's contiguous block of n items (blocks in rank order cover 0..n-1 once)."""
-    return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def rank_share(data, rank, world_size):
-    """This rank's block of a held-out split (no padding), so that sums all-reduced over ranks are
-    the sums over the whole split."""
-    return data if world_size == 1 else torch.utils.data.Subset(data, rank_block(len(data), rank, world_size))
-
-
-def barrier():
-    """Wait for every rank under torchrun; nothing in one process."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def unreadable(data):
     """Files a folder dataset has skipped so far (0 for other datasets)."""
     while isinstance(data, torch.utils.data.Subset):
@@ -158,41 +141,3 @@ def device_batches(data, micro_batch, seed, rank=0, world_size=1, device="cpu", 
                 "(each replaced by the next readable file)")
             seen_unreadable = unreadable(data)
         epoch, skip = epoch + 1, 0
-
-
-
-
-def cached_tokens(data, encode, prefix, meta, codebook_size, rank=0, world_size=1, show=True):
-    """Every image of data through encode ((b, 3, H, W) -> ids (b, L)) once -> TokenDataset, cached in
-    PREFIX_ids.npy, PREFIX_labels.npy and PREFIX_meta.json and reused while meta (what decides the
-    ids: the tokenizer, the data; it must hold seq_len, L) is the same. The meta is written last and removed first, so a crash
-    mid-write never leaves a meta beside other ids. Under torchrun each rank encodes its block of
-    the images into its own file (ranks on other nodes never write into one file); rank 0 joins
-    the blocks in rank order."""
-    paths = {k: f"{prefix}_{k}" for k in ("ids.npy", "labels.npy", "meta.json")}
-    if os.path.exists(paths["meta.json"]) and json.load(open(paths["meta.json"])) == meta:
-        return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))
-    barrier()  # every rank has read the old meta before rank 0 removes it
-    if rank == 0:
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)
-        if os.path.exists(paths["meta.json"]):
-            os.remove(paths["meta.json"])
-    rows = rank_block(len(data), rank, world_size)
-    ids = np.empty((len(rows), meta["seq_len"]), np.uint16 if codebook_size <= 2**16 else np.int32)
-    labels, start = np.empty(len(rows), np.int64), 0
-    for x, y in tqdm(eval_loader(rank_share(data, rank, world_size), 256), desc=f"tokenize {os.path.basename(prefix)}",
-                     dynamic_ncols=True, disable=not show):
-        ids[start:start + len(x)], labels[start:start + len(x)] = encode(x).numpy(), y.numpy()
-        start += len(x)
-    for k, array in (("ids.npy", ids), ("labels.npy", labels)):
-        save_atomically(f"{paths[k]}.rank{rank}", np.save, array)
-    barrier()
-    if rank == 0:
-        for k in ("ids.npy", "labels.npy"):
-            parts = [f"{paths[k]}.rank{r}" for r in range(world_size)]
-            save_atomically(paths[k], np.save, np.concatenate([np.load(p) for p in parts]))
-            for p in parts:
-                os.remove(p)
-        save_atomically(paths["meta.json"], lambda f: f.write(json.dumps(meta).encode()))
-    barrier()
-    return TokenDataset(np.load(paths["ids.npy"], mmap_mode="r"), np.load(paths["labels.npy"]))

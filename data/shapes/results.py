@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402  (the repo root is on the path only now)
 import train  # noqa: E402
-from data.checks import run_script  # noqa: E402
+from utils.cli import run_script  # noqa: E402
 
 CODEBOOKS = ["dual", "pixel", "semantic"]
 PROBE_KINDS = ["semantic", "pixel", "both", "teacher"]

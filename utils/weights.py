@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenflow as tf
-from data.checkpoints import load_checkpoint, load_model, matching_weights, unwrapped
-from data.checks import check_classes
+from utils.checkpoints import load_checkpoint, load_model, matching_weights, unwrapped
+from utils.cli import check_classes
 
 # ---------------------------------------------------------------------------------------------
 # Downloads: once, into a cache, checked against a published digest

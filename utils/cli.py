@@ -69,6 +69,17 @@ def check_device(p, device):
         p.error(f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu")
 
 
+def device_and_dtype(p, device, dtype):
+    """--device and --dtype with 'auto' resolved: the best device here (cuda, then mps, then cpu), and
+    bfloat16 on a CUDA GPU that has it, else float32. A device this machine lacks stops the parse."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    check_device(p, device)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
 def compile_toolchain_missing(device):
     """What torch.compile's default backend (Inductor) lacks on this machine to build kernels for device,
     as a fix to name, or None: Triton for a CUDA GPU, a C++ compiler ($CXX, c++, g++ or clang++) for the CPU."""

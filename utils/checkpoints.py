@@ -2,8 +2,9 @@
 Checkpoints: the files train.py writes and every script reads back. A checkpoint is a plain dict of
 tensors and primitives ({kind, config, model, step, ...}), so torch.load(weights_only=True) reads it
 without running any code; load_model rebuilds a model of tokenflow.py from its checkpoint alone.
-The second half serves train.py's loop: the EMA weights a checkpoint keeps, the state that resumes
-a run exactly, and what a non-finite step or a signal (SIGINT, SIGTERM) does to the checkpoint.
+The second half is what train.py's loop keeps in a checkpoint beside the model (optimiser, scaler,
+random state, EMA weights: TrainState), so that --resume continues a run exactly, and what a
+non-finite step or a signal (SIGINT, SIGTERM) does to the checkpoint.
 """
 
 import hashlib
@@ -13,27 +14,32 @@ import re
 import shlex
 import signal
 import threading
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
 
 import tokenflow as tf
-from data import barrier
+from utils.cli import check_classes
+from utils.distributed import barrier
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint files: written atomically, read without running code, models rebuilt from them alone
 
 
-def save_checkpoint(path, kind, config, model, step=0, **extra):
-    """Write {kind, config, model, step, **extra} atomically: a temporary file, fsync, rename."""
-    ckpt = {"kind": kind, "config": asdict(config), "model": model.state_dict(), "step": step, **extra}
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
+def save_atomically(path, write):
+    """write(file) into PATH.tmp, fsync, then a rename: atomic on POSIX, so a reader sees the old
+    file or the new one and a crash never leaves half a file."""
+    with open(f"{path}.tmp", "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
+    os.replace(f"{path}.tmp", path)
+
+
+def save_checkpoint(path, kind, config, model, step=0, **extra):
+    """Write {kind, config, model, step, **extra} atomically."""
+    ckpt = {"kind": kind, "config": asdict(config), "model": model.state_dict(), "step": step, **extra}
+    save_atomically(path, lambda f: torch.save(ckpt, f))
 
 
 MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "judge.pt": "--stage judge",
@@ -107,11 +113,13 @@ def tokenizer_id(tokenizer):
     return h.hexdigest()
 
 
-def load_model(path, kind, tokenizer=None):
+def load_model(path, kind, tokenizer=None, classes=None, fix=""):
     """Rebuild a 'teacher', 'tokenizer', 'judge' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
     with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
-    whose codebook size and scales must match."""
+    whose codebook size and scales must match. classes (the run's class names): the checkpoint's must
+    be the same (ValueError ending in fix, what to do, otherwise)."""
     ckpt = load_checkpoint(path, kind)
+    check_classes(ckpt.get("classes"), classes, f"{kind} {path}", fix)
     if kind == "gpt":
         theirs = tf.config_from_dict(tf.TokenizerConfig, ckpt["tokenizer_config"])
         diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
@@ -133,8 +141,8 @@ def load_model(path, kind, tokenizer=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# A training run's checkpoint (train.py's loop): EMA weights, the state that resumes the run exactly,
-# and what a non-finite step or a signal does to it
+# A training run's state: what a checkpoint keeps beside the model so that --resume continues the
+# run exactly, the EMA weights that evaluation and sampling use, and what faults do to it
 
 
 class EMA:
@@ -153,53 +161,58 @@ class EMA:
             else:
                 self.weights[k].copy_(v)  # integer buffers (counters) are copied
 
-    @contextmanager
-    def applied(self, model):
-        """Within the block the model holds the averaged weights."""
-        raw = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.weights)
-        try:
-            yield
-        finally:
-            model.load_state_dict(raw)
 
+class TrainState:
+    """What a training loop carries from step to step besides the batches: the model, its optimiser,
+    the gradient scaler, the EMA (or None) and the random state; and its checkpoint file, path,
+    written by save(step) through save_fn(step, state()) on rank 0 (main) and read back by resume().
+    log(text) reports."""
 
-class Checkpoints:
-    """A stage's checkpoint, OUT_DIR/<stage>.pt: the model with the loop's state (optimiser, scaler,
-    RNG, EMA), written by rank 0 (main) through save_fn(step, state), read back by resume; and the
-    evaluation rows that go with it (eval_fn() -> dict). log(text) and log_row(row) report."""
+    def __init__(self, model, opt, scaler, ema, device, path, save_fn, main=True, log=print):
+        self.model, self.opt, self.scaler, self.ema, self.device = model, opt, scaler, ema, device
+        self.path, self.save_fn, self.main, self.log = path, save_fn, main, log
+        self.saved = None  # the step the checkpoint file holds
 
-    def __init__(self, out_dir, stage, model, opt, scaler, ema, save_fn, eval_fn, device="cpu", main=True,
-                 log=print, log_row=print):
-        self.stage, self.model, self.opt, self.scaler, self.ema = stage, model, opt, scaler, ema
-        self.save_fn, self.eval_fn, self.device, self.main = save_fn, eval_fn, device, main
-        self.log, self.log_row = log, log_row
-        self.path, self.saved = os.path.join(out_dir, f"{stage}.pt"), None
-
-    def evaluate(self):
-        with self.ema.applied(self.model) if self.ema else nullcontext():
-            return self.eval_fn()
-
-    def save(self, step):
+    def save(self, step, faults=None):
+        """Write the checkpoint (rank 0); every rank waits, as the next stage reads the file. After a
+        non-finite step (faults.in_a_row) the last good checkpoint stays as it is."""
+        if faults is not None and faults.in_a_row:
+            return
         if self.main:
-            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.startswith("cuda") else {}
-            self.save_fn(step, {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                                "rng": torch.get_rng_state(), **cuda_rng, **({"ema": self.ema.weights} if self.ema else {})})
+            self.save_fn(step, self.state())
         self.saved = step
-        barrier()  # the next stage of every rank reads this file
+        barrier()
 
-    def evaluate_and_save(self, step, save=True):
-        self.log_row({"stage": self.stage, "step": step, "split": "val", **self.evaluate()})
-        if save:  # (a run of skipped steps keeps the last good checkpoint as it is)
-            self.save(step)
+    def where(self):
+        return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
 
-    def resume(self):
-        """Load the stage's checkpoint into the model and the loop's state -> the step to continue from."""
+    def where(self):
+        return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
+
+    def state(self):
+        cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.startswith("cuda") else {}
+        return {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+                **cuda_rng, **({"ema": self.ema.weights} if self.ema else {})}
+
+    def evaluate(self, eval_fn):
+        """eval_fn() with the EMA weights (if any) in the model, as sampling sees it."""
+        if self.ema is None:
+            return eval_fn()
+        raw = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema.weights)
+        try:
+            return eval_fn()
+        finally:
+            self.model.load_state_dict(raw)
+
+    def resume(self, stage):
+        """Load the stage's checkpoint into the model and this state -> the step to continue from
+        (0 if there is no file yet)."""
         path = self.path
         if not os.path.exists(path):
-            self.log(f"{self.stage}: --resume given but there is no {path}; starting from step 0")
+            self.log(f"{stage}: --resume given but there is no {path}; starting from step 0")
             return 0
-        ckpt = load_checkpoint(path, "tokenizer" if self.stage == "decoder" else self.stage)  # (decoder.pt: a tokenizer)
+        ckpt = load_checkpoint(path, "tokenizer" if stage == "decoder" else stage)  # (decoder.pt holds a tokenizer)
         diff = tf.config_diff(tf.config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
         if diff:
             raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
@@ -209,7 +222,7 @@ class Checkpoints:
                              "--out-dir")
         self.model.load_state_dict(matching_weights(self.model, ckpt["model"], path))
         self.opt.load_state_dict(ckpt["optimizer"])
-        for p, state in self.opt.state.items():  # fused AdamW needs its moments in the weights' layout (train.py's wrap)
+        for p, state in self.opt.state.items():  # fused AdamW needs its moments in the weights' layout (channels_last)
             state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if k != "step"})
         if ckpt.get("scaler"):  # empty when the run that saved it had no scaler (fp32, bf16)
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -220,12 +233,9 @@ class Checkpoints:
             torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and self.device.startswith("cuda"):
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
-        self.log(f"{self.stage}: resumed from {path} at step {ckpt['step']}")
+        self.log(f"{stage}: resumed from {path} at step {ckpt['step']}")
         self.saved = ckpt["step"]
         return ckpt["step"]
-
-    def where(self):
-        return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -234,25 +244,26 @@ class NonFiniteLoss(RuntimeError):
 
 class BadSteps:
     """Steps skipped for a non-finite loss or gradient: counted, and 10 in a row stop the run
-    without saving (the last good checkpoint stays as it was)."""
+    without saving (the last good checkpoint stays as it was; where() says which)."""
 
-    def __init__(self, stage, checkpoints):
-        self.stage, self.checkpoints, self.total, self.in_a_row = stage, checkpoints, 0, 0
+    def __init__(self, stage, log):
+        self.stage, self.log, self.total, self.in_a_row = stage, log, 0, 0
 
     def ok(self):
         self.in_a_row = 0
 
-    def skip(self, step):
+    def skip(self, step, where):
         self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
-        self.checkpoints.log(f"{self.stage}: step {step}: non-finite loss or gradient, step skipped ({self.total} so far)")
+        self.log(f"{self.stage}: step {step}: non-finite loss or gradient, step skipped ({self.total} so far)")
         if self.in_a_row == 10:
             raise NonFiniteLoss(f"{self.stage}: 10 non-finite losses in a row (steps {step - 9}-{step}); stopped "
-                                f"without saving; {self.checkpoints.where()}. Lower --lr or check the data, then --resume")
+                                f"without saving; {where}. Lower --lr or check the data, then --resume")
 
 
 class Interrupt:
     """Within the block, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) are remembered rather than
-    acted on at once, so the training loop can finish the step, write a checkpoint and exit."""
+    acted on at once, so the training loop can finish the step, write a checkpoint and exit
+    (exit_after_signal)."""
 
     def __enter__(self):
         self.signal, self.previous = None, {}
@@ -271,22 +282,15 @@ class Interrupt:
             signal.signal(s, handler)
         self.previous = {}
 
+    def exit_after_signal(self, stage, step, written, log):
+        """After the step in which any rank got a signal, and its checkpoint (written: what is on
+        disk now): one line, then exit 128 + signal, as the signal itself would."""
+        signum, self.signal = self.signal or signal.SIGTERM, None  # (SIGTERM: another rank's)
+        log(f"{stage}: {signal.Signals(signum).name} at step {step}: {written}; "
+            "run the same command with --resume to continue")
+        raise SystemExit(128 + signum)
+
     def __exit__(self, *exc):
         self.restore()
         if self.signal is not None and exc[0] is None:  # arrived after the last step's check: act on it now
             signal.raise_signal(self.signal)
-
-
-def stop_on_signal(step, iters, eval_interval, interrupt, checkpoints, faults):
-    """After a step in which any rank got SIGINT / SIGTERM: the evaluation row a resume would skip,
-    a checkpoint (unless the last steps were bad), and exit 128 + signal."""
-    signum, interrupt.signal = interrupt.signal or signal.SIGTERM, None  # (another rank's)
-    stage = checkpoints.stage
-    if step % eval_interval == 0 and step < iters:
-        checkpoints.log_row({"stage": stage, "step": step, "split": "val", **checkpoints.evaluate()})
-    if faults.in_a_row == 0:
-        checkpoints.save(step)
-    written = f"checkpoint written to {checkpoints.path}" if faults.in_a_row == 0 else checkpoints.where()
-    checkpoints.log(f"{stage}: {signal.Signals(signum).name} at step {step}: {written}; "
-                    "run the same command with --resume to continue")
-    raise SystemExit(128 + signum)
