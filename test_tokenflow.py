@@ -1510,9 +1510,9 @@ def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
         model.weight.add_(1.0)
     ema.update(model, step=100)  # min(0.5, 101/110) = 0.5
     assert torch.allclose(ema.weights["weight"], start + 0.5)
-    with ema.applied(model):
-        assert torch.allclose(model.weight, start + 0.5)
-    assert torch.allclose(model.weight, start + 1.0)  # raw weights back after the block
+    run = utils.checkpoints.TrainState(model, None, None, ema, "cpu", path=None, save_fn=None)
+    assert torch.allclose(run.evaluate(lambda: model.weight.detach().clone()), start + 0.5)  # evaluated with EMA
+    assert torch.allclose(model.weight, start + 1.0)  # raw weights back after the evaluation
     ema.update(model, step=0)  # warm-up: decay min(0.5, 1/10) = 0.1
     assert torch.allclose(ema.weights["weight"], 0.1 * (start + 0.5) + 0.9 * (start + 1.0))
     # a run with EMA: evaluation, the checkpoint and load_model use the averaged weights

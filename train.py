@@ -379,8 +379,7 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
             if stop:  # a signal on some rank: the row and the checkpoint a resume needs, then exit
                 if (step + 1) % args.eval_interval == 0 and step + 1 < hp["iters"]:
                     log_metrics(args, {"stage": stage, "step": step + 1, "split": "val", **run.evaluate(eval_fn)})
-                run.save(step + 1, faults)
-                interrupt.exit_after_signal(stage, step + 1, run.where(), lambda text: log(args, text))
+                interrupt.exit_after_signal(stage, step + 1, run.save(step + 1, faults), lambda text: log(args, text))
     row = {"stage": stage, "step": hp["iters"], "split": "val", **run.evaluate(eval_fn),
            "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
     log_metrics(args, row)

@@ -175,13 +175,14 @@ class TrainState:
 
     def save(self, step, faults=None):
         """Write the checkpoint (rank 0); every rank waits, as the next stage reads the file. After a
-        non-finite step (faults.in_a_row) the last good checkpoint stays as it is."""
+        non-finite step (faults.in_a_row) the last good checkpoint stays as it is. -> what is on disk."""
         if faults is not None and faults.in_a_row:
-            return
+            return self.where()
         if self.main:
             self.save_fn(step, self.state())
         self.saved = step
         barrier()
+        return f"checkpoint written to {self.path}"
 
     def where(self):
         return f"{self.path} holds step {self.saved}" if self.saved is not None else "no checkpoint was written yet"
