@@ -32,10 +32,9 @@ from data import DATASETS, EVAL_IMAGES, describe, device_batches, eval_loader, m
 from data.shapes import ShapesDataset
 from evaluate import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
                       generated_row, reconstructions)
-from utils.checkpoints import (EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState, load_checkpoint, load_model,
-                               matching_weights, save_checkpoint, tokenizer_id)
-from utils.cli import (SEED, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype,
-                       run_script)
+from utils.checkpoints import (EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState, check_resumable_on, load_checkpoint,
+                               load_model, matching_weights, save_checkpoint, tokenizer_id)
+from utils.cli import SEED, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype, run_script
 from utils import distributed
 from utils.distributed import all_mean, all_sum, main_first, rank_and_world_size, rank_share, wrap
 from utils.grids import save_grid
@@ -103,15 +102,17 @@ class GAN:
     def state(self):  # what a checkpoint keeps
         return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt.state_dict()}
 
-    def step(self, scaler):
+    def step(self, scaler, skip=False):
         """The discriminator's step, on gradients scaled as the generator's were (the scaler skips a
-        non-finite fp16 step); none before --disc-start (no gradients) or when they are not finite
-        (all-reduced: every rank agrees)."""
+        non-finite fp16 step), then its gradients cleared; none with skip (the generator's step was
+        skipped), before --disc-start (no gradients) or when they are not finite (all-reduced: every
+        rank agrees)."""
         grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
-        if grads:
+        if grads and not skip:
             scaler.unscale_(self.opt)
             if scaler.is_enabled() or all(g.isfinite().all() for g in grads):
                 scaler.step(self.opt)
+        self.opt.zero_grad(set_to_none=True)
 
 
 class DiscriminatorLoss(nn.Module):  # the hinge loss on a real and a fake batch, one forward for DDP
@@ -177,10 +178,8 @@ def finetune_decoder(args, cfg):
     tokenizer = tokenizer.to(args.device).requires_grad_(False)
     tokenizer.pix_dec.requires_grad_(True)
     path, net = os.path.join(args.out_dir, "decoder.pt"), wrap(tokenizer.pix_dec, args.device, args.world_size, args.compile)
-    resumed = args.resume and os.path.exists(path) and load_model(path, "tokenizer")[0]
-    if resumed and tokenizer_id(resumed) != tokenizer_id(trained):
-        raise ValueError(f"cannot resume {path}: its encoders and codebook are not those of {args.out_dir}/tokenizer.pt "
-                         "(retrained since?); drop --resume to finetune the decoder of the current tokenizer")
+    if args.resume:
+        check_resumable_on(path, "tokenizer", trained, f"{args.out_dir}/tokenizer.pt")
     log(args, f"decoder: {'finetuning the trained' if same else 'training a new'} pixel decoder "
               f"({sum(p.numel() for p in tokenizer.pix_dec.parameters()):,} parameters), the rest frozen")
 
@@ -284,11 +283,8 @@ def train_gpt(args, tok_cfg, gpt_cfg):
     tokenizer = trained_tokenizer(args, tok_cfg)
     train_set, val_set = (token_file(args, tokenizer, split) for split in ("train", "val"))
     gpt_path, tid = os.path.join(args.out_dir, "gpt.pt"), tokenizer_id(tokenizer)
-    trained_on = load_checkpoint(gpt_path, "gpt")["tokenizer_id"] if args.resume and os.path.exists(gpt_path) else tid
-    if trained_on != tid:
-        raise ValueError(f"cannot resume {gpt_path}: it was trained on the ids of another tokenizer "
-                         f"({trained_on[:12]} vs {tid[:12]} for {args.out_dir}/tokenizer.pt); "
-                         "train the GPT from scratch (drop --resume) or use another --out-dir")
+    if args.resume:
+        check_resumable_on(gpt_path, "gpt", tokenizer, f"{args.out_dir}/tokenizer.pt")
     classes = class_names(args, tok_cfg.image_size)  # the training split's, not the held-out one's
     gpt_cfg = replace(gpt_cfg, num_classes=len(classes))
     judge = trained_judge(args, classes)  # checked before training
@@ -366,13 +362,11 @@ def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn,
                 faults.skip(step, run.where())
             else:
                 scaler.step(opt)
-                if gan is not None:
-                    gan.step(scaler)  # one discriminator step per generator step
                 faults.ok()
+            if gan is not None:
+                gan.step(scaler, skip=bad)  # one discriminator step per generator step
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            if gan is not None:
-                gan.opt.zero_grad(set_to_none=True)
             if run.ema and not bad:
                 run.ema.update(model, step)
             bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
@@ -420,7 +414,6 @@ def get_lr(step, iters, peak):
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, iters - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
 
 
 # ---------------------------------------------------------------------------------------------

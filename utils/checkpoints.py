@@ -113,6 +113,20 @@ def tokenizer_id(tokenizer):
     return h.hexdigest()
 
 
+def check_resumable_on(path, kind, tokenizer, source):
+    """--resume of a checkpoint trained on a tokenizer's ids (a GPT; a finetuned decoder's tokenizer,
+    whose encoders and codebook must be tokenizer's): ValueError if it was another tokenizer's
+    (source: where tokenizer came from). Nothing to check without a file yet."""
+    if not os.path.exists(path):
+        return
+    ckpt = load_checkpoint(path, kind)
+    theirs = ckpt["tokenizer_id"] if kind == "gpt" else tokenizer_id(load_model(path, kind)[0])
+    if theirs != tokenizer_id(tokenizer):
+        raise ValueError(f"cannot resume {path}: it was trained on the ids of another tokenizer than {source} "
+                         f"({theirs[:12]} vs {tokenizer_id(tokenizer)[:12]}; retrained since?); drop --resume to "
+                         "train it on the current tokenizer, or use another --out-dir")
+
+
 def load_model(path, kind, tokenizer=None, classes=None, fix=""):
     """Rebuild a 'teacher', 'tokenizer', 'judge' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
     with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
