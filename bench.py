@@ -271,7 +271,7 @@ def train_steps(args, stage):
         data = device_batches(TokenDataset(ids, np.arange(8192) % 8), batch, 0, device=args.device)
         loss_fn = lambda idx, y: tf.gpt_loss(model(idx, y), idx)
     if args.device.startswith("cuda"):
-        model.to(memory_format=torch.channels_last)  # as train.py's wrap: cuDNN's NHWC convs
+        tf.channels_last(model)  # as train.py's wrap: cuDNN's NHWC convs, a GroupNorm that keeps the layout
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):

@@ -228,14 +228,13 @@ def brute_force(cb, z_sem, z_pix):
     return d
 
 
-@pytest.mark.parametrize("K,w,max_scores", [(512, 1.0, 2**22), (512, 3.5, None), (70_000, 1.0, None),
-                                             (4096, 0.25, 4000), (512, 1.0, 1),  # one row per chunk
-                                             (512, 1.0, 7 * 512), (4096, 1.0, math.inf)])  # 7 rows; all at once
-def test_shared_index_is_brute_force_argmin(K, w, max_scores):
+@pytest.mark.parametrize("K,w,rows", [(512, 1.0, None), (512, 3.5, None), (70_000, 1.0, None),  # rows: chunks
+                                       (4096, 0.25, 1), (512, 1.0, 7), (70_000, 1.0, 59)])
+def test_shared_index_is_brute_force_argmin(K, w, rows):
     torch.manual_seed(K)
     cb = tf.DualCodebook(K, 32, 8, pix_weight=w)
     z_sem, z_pix = torch.randn(300, 32) * 3, torch.randn(300, 8) * 0.5  # unnormalised on purpose
-    idx = cb.nearest(z_sem, z_pix, max_scores=max_scores)
+    idx = cb.nearest(z_sem, z_pix) if rows is None else tf.in_row_chunks(cb.nearest, rows, z_sem, z_pix)
     d = brute_force(cb, z_sem, z_pix)
     assert idx.shape == (300,) and idx.dtype == torch.long
     # ours attains the minimum distance; exact ties aside, it is the same index
@@ -256,15 +255,27 @@ class MatmulRows(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_search_chunks_rows_within_max_scores():
-    """Row chunks of at most max_scores scores: on a CPU by default 2**22 (128 rows at K = 32,768), all rows
-    at once for math.inf, one row where a row alone has more."""
+def test_quantizer_searches_in_row_chunks_of_bounded_scores():
+    """The codebook's forward runs nearest() on row chunks of at most 2**22 scores on a CPU (128 rows at
+    K = 32,768) and 2**28 on a GPU (8192 rows), one row where a row alone has more; the same ids."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (tf.score_rows(cpu, 32768), tf.score_rows(gpu, 32768), tf.score_rows(cpu, 2**23)) == (128, 8192, 1)
     cb = tf.DualCodebook(32768, 32, 8)
-    u_sem, u_pix = F.normalize(torch.randn(300, 32), dim=1), F.normalize(torch.randn(300, 8), dim=1)
-    for max_scores, rows in ((None, 128), (math.inf, 300), (1000, 1), (2**20, 32)):
-        with MatmulRows() as seen:
-            cb.search(u_sem, u_pix, max_scores)
-        assert seen.rows == [rows] * (300 // rows) + ([300 % rows] if 300 % rows else []), max_scores
+    z = torch.randn(300, 40)
+    with MatmulRows() as seen:
+        _, idx, _ = cb(z)
+    assert seen.rows == [128, 128, 44]
+    assert torch.equal(idx, cb.nearest(z[:, :32], z[:, 32:]))
+
+
+def test_row_chunks_give_the_unchunked_result():
+    """in_row_chunks(nearest) = nearest for chunk sizes that do and do not divide the rows."""
+    torch.manual_seed(0)
+    cb = tf.DualCodebook(4096, 32, 8, pix_weight=0.7)
+    z_sem, z_pix = torch.randn(300, 32) * 3, torch.randn(300, 8)
+    whole = cb.nearest(z_sem, z_pix)
+    for rows in (1, 7, 128, 299, 300, 1000):
+        assert torch.equal(tf.in_row_chunks(cb.nearest, rows, z_sem, z_pix), whole), rows
 
 
 def test_pix_weight_changes_the_choice():
@@ -321,31 +332,36 @@ def test_usage_perplexity_and_psnr_on_known_values():
 
 @pytest.mark.parametrize("s,n", [(1, 14), (2, 14), (3, 7), (6, 8), (13, 14), (4, 4), (5, 16)])
 def test_matrix_upsample_is_bicubic_interpolate(s, n):
-    """upsample's A x A^T = F.interpolate bicubic (align_corners False, no antialias), value and gradient,
-    for a contiguous and a channels_last input (what the quantizer's permuted rows are)."""
+    """upsample_matmul's A x A^T (what upsample runs) = F.interpolate bicubic (align_corners False, no
+    antialias), value and gradient, for a contiguous and a channels_last input (the quantizer's permuted rows)."""
     g = torch.Generator().manual_seed(s)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 5, s, s, generator=g).contiguous(memory_format=fmt).requires_grad_()
         dy = torch.randn(2, 5, n, n, generator=g)
-        ours = tf.upsample(x, n)
         theirs = F.interpolate(x, size=(n, n), mode="bicubic", align_corners=False, antialias=False)
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(*(torch.autograd.grad(y, x, dy)[0] for y in (ours, theirs)), atol=1e-5, rtol=1e-5)
+        for ours in (tf.upsample_matmul(x, n), tf.upsample(x, n)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(*(torch.autograd.grad(y, x, dy)[0] for y in (ours, theirs)), atol=1e-5,
+                                       rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_layout_keeping_group_norm_is_group_norm(dtype, tol):
-    """GroupNorm's CUDA path (layout_kept) = F.group_norm in fp32 (as autocast runs it), value and the
-    gradients of input, weight and bias, and keeps the input's dtype and memory layout."""
+    """ChannelsLastGroupNorm (what channels_last() puts in place of nn.GroupNorm) = F.group_norm in fp32 (as
+    autocast runs it), value and the gradients of input, weight and bias, and keeps the input's dtype and
+    memory layout."""
     torch.manual_seed(0)
     norm = tf.group_norm(64)
+    assert type(norm) is torch.nn.GroupNorm  # the plain form
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
+    tf.channels_last(norm)
+    assert type(norm) is tf.ChannelsLastGroupNorm
     x, dy = torch.randn(2, 64, 5, 6) * 3 + 1, torch.randn(2, 64, 5, 6)  # an offset mean: fp32 statistics matter
     for fmt in (torch.contiguous_format, torch.channels_last):
         x_ref, x_low = x.clone().requires_grad_(), x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
         want = F.group_norm(x_ref, 32, norm.weight, norm.bias, norm.eps)
-        got = norm.layout_kept(x_low)
+        got = norm(x_low)
         assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
         for a, b in zip(torch.autograd.grad(got, [x_low, norm.weight, norm.bias], dy.to(dtype)),
@@ -354,10 +370,11 @@ def test_layout_keeping_group_norm_is_group_norm(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
-def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol, monkeypatch):
-    """The pixel encoder and decoder as train.py runs them on CUDA (weights and activations channels_last,
-    GroupNorm.layout_kept) = the contiguous CPU path: outputs and gradients, in fp32 and under bf16
-    autocast; every activation stays channels_last (no layout round trip)."""
+def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol):
+    """The pixel encoder and decoder as train.py runs them on CUDA (tf.channels_last: weights and activations
+    channels_last, ChannelsLastGroupNorm) = the plain contiguous path: outputs and gradients, in fp32 and
+    under bf16 autocast; every activation stays channels_last (no layout round trip); the state_dict is
+    the same."""
     torch.manual_seed(0)
     cfg = replace(TINY, pix_dim=8)
     enc, dec = tf.PixelEncoder(cfg), tf.PixelDecoder(cfg)
@@ -371,8 +388,12 @@ def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol, monkeypatch):
         return z, y, grads
 
     z, y, grads = run(enc, dec)
-    enc_cl, dec_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (enc, dec))
-    monkeypatch.setattr(tf.GroupNorm, "forward", tf.GroupNorm.layout_kept)
+    enc_cl, dec_cl = (tf.channels_last(copy.deepcopy(m)) for m in (enc, dec))
+    for m, m_cl in ((enc, enc_cl), (dec, dec_cl)):
+        norms, kinds = sum(type(n) is torch.nn.GroupNorm for n in m.modules()), [type(n) for n in m_cl.modules()]
+        assert norms > 0 and kinds.count(tf.ChannelsLastGroupNorm) == norms and torch.nn.GroupNorm not in kinds
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m_cl.state_dict().values()))
+        assert list(m.state_dict()) == list(m_cl.state_dict())
     not_cl = []
     for name, m in [*enc_cl.named_modules(prefix="enc"), *dec_cl.named_modules(prefix="dec")]:
         m.register_forward_hook(lambda m, i, out, name=name: not_cl.append(name) if out.ndim == 4 and not
