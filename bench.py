@@ -205,7 +205,7 @@ def generate_no_cache(gpt, labels, cfg, top_k, top_p, generator):
         t = cfg * si / max(1, S - 1)
         idx = tf.sample_logits((cond + t * (cond - uncond)).flatten(0, 1), 1.0, top_k, top_p, generator)
         idx = idx.view(B, s * s)
-        f_hat = f_hat + tf.upsample(gpt.scale_codes(idx, s), n)
+        f_hat = tf.add_scale(f_hat, gpt.scale_codes(idx, s))
         out.append(idx)
         start = end
         if si + 1 < S:

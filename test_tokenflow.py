@@ -605,13 +605,13 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
     in, i.e. its input is the cumulative feature including first_k; earlier scales as in training."""
     scales, n = gpt.scales, gpt.grid
     cond = gpt.class_emb(labels)
-    x, f_hat, start = [cond[:, None]], 0, 0
+    x, f_hat, start = [cond[:, None]], torch.zeros(len(idx), gpt.codes.shape[1], n, n), 0
     for si, s in enumerate(scales[:k]):
-        f_hat = f_hat + tf.upsample(gpt.scale_codes(idx[:, start:start + s * s], s), n)
+        f_hat = tf.add_scale(f_hat, gpt.scale_codes(idx[:, start:start + s * s], s))
         start += s * s
         if si + 1 < k:
             x.append(gpt.next_input(f_hat, scales[si + 1]))
-    x.append(gpt.next_input(f_hat + tf.upsample(gpt.scale_codes(first_k, scales[k]), n), scales[k]))
+    x.append(gpt.next_input(tf.add_scale(f_hat, gpt.scale_codes(first_k, scales[k])), scales[k]))
     x, end = gpt.embed(torch.cat(x, 1), 0), start + scales[k] ** 2
     return gpt.transformer(x, cond, mask=gpt.mask[:end, :end])[:, start:end]
 

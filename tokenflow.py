@@ -397,6 +397,12 @@ def upsample(x_BCss, n):
     return upsample_matmul(x_BCss, n)  # = F.interpolate(x_BCss, size=(n, n), mode="bicubic")
 
 
+def add_scale(f_hat_BCnn, q_BCss):
+    """The running sum of upsampled codes, one scale further: f_hat (B, C, n, n) + q (B, C, s, s)
+    upsampled to n x n. The quantizer builds f_hat with it and the GPT reads the same sums."""
+    return f_hat_BCnn + upsample(q_BCss, f_hat_BCnn.shape[-1])
+
+
 class TokenFlow(nn.Module):
     """Image (B, 3, H, W) in [-1, 1] <-> shared ids (B, L) over all scales; see the module docstring."""
 
@@ -448,14 +454,13 @@ class TokenFlow(nn.Module):
         """Multi-scale residual VQ (VAR, Alg. 1): z (B, C, n, n) -> f_hat (B, C, n, n), ids per scale
         [(B, s*s)], stats. As in the official code each scale normalises its own residual, so f_hat is
         a sum of unit codes (upsampled), not an approximation of z itself."""
-        B, C, n, _ = z_BCnn.shape
+        B, C = z_BCnn.shape[:2]
         residual, f_hat, idx_Bl, stats = z_BCnn, torch.zeros_like(z_BCnn), [], []
         for s in scales:
             r_NC = F.interpolate(residual, size=(s, s), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
             q_NC, idx_N, st = self.codebook(r_NC)
-            q_BCnn = upsample(q_NC.view(B, s, s, C).permute(0, 3, 1, 2), n)
-            f_hat = f_hat + q_BCnn
-            residual = residual - q_BCnn.detach()  # later scales model what is left
+            f_hat = add_scale(f_hat, q_NC.view(B, s, s, C).permute(0, 3, 1, 2))
+            residual = z_BCnn - f_hat.detach()  # later scales model what is left
             idx_Bl.append(idx_N.view(B, s * s))
             stats.append(st)
         stats = {k: torch.stack([st[k] for st in stats]).mean() for k in stats[0]}  # mean over scales
@@ -467,17 +472,16 @@ class TokenFlow(nn.Module):
 
     def indices_to_features(self, idx_BL):
         """(B, L) ids of all scales -> f_hat (B, C, n, n), the same sum the quantizer builds."""
-        if idx_BL.ndim != 2 or idx_BL.shape[1] != self.cfg.seq_len:
-            raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {self.cfg.seq_len}) "
-                             f"for scales {self.cfg.scales}")
-        if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= self.cfg.codebook_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.codebook_size}), the codebook size; got "
+        cfg = self.cfg
+        if idx_BL.ndim != 2 or idx_BL.shape[1] != cfg.seq_len:
+            raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {cfg.seq_len}) "
+                             f"for scales {cfg.scales}")
+        if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= cfg.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.codebook_size}), the codebook size; got "
                              f"[{idx_BL.min().item()}, {idx_BL.max().item()}]")
-        n, f_hat, start = self.cfg.grid, 0, 0
-        for s in self.cfg.scales:
-            q_BlC = self.codebook.lookup(idx_BL[:, start:start + s * s])
-            f_hat = f_hat + upsample(q_BlC.transpose(1, 2).unflatten(2, (s, s)), n)
-            start += s * s
+        f_hat = self.codebook.sem.new_zeros(len(idx_BL), cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid)
+        for s, idx_Bl in zip(cfg.scales, idx_BL.split([s * s for s in cfg.scales], dim=1)):
+            f_hat = add_scale(f_hat, self.codebook.lookup(idx_Bl).transpose(1, 2).unflatten(2, (s, s)))
         return f_hat
 
     def pixel_half(self, f_hat_BCnn):
@@ -671,12 +675,12 @@ class GPT(nn.Module):
             drop = torch.rand(B, device=labels_B.device) < self.cfg.class_drop
             labels_B = torch.where(drop, self.cfg.num_classes, labels_B)
         # 1. inputs: the start token, then for each next scale the sum of the codes so far
-        cond = self.class_emb(labels_B)
-        x, f_hat, start = [cond[:, None]], 0, 0  # (B, 1, D) for scale 1
-        for s, s_next in zip(self.scales[:-1], self.scales[1:]):
-            f_hat = f_hat + upsample(self.scale_codes(idx_BL[:, start:start + s * s], s), n)  # as the tokenizer
+        cond = self.class_emb(labels_B)  # (B, D)
+        x, f_hat = [cond[:, None]], self.codes.new_zeros(B, self.codes.shape[1], n, n)
+        idx_per_scale = idx_BL.split([s * s for s in self.scales], dim=1)
+        for s, s_next, idx_Bl in zip(self.scales, self.scales[1:], idx_per_scale):
+            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))  # as the tokenizer builds it
             x.append(self.next_input(f_hat, s_next))
-            start += s * s
         x = self.embed(torch.cat(x, dim=1), 0)  # (B, L, D)
         return self.transformer(x, cond, mask=self.mask)  # 2. block-causal transformer, 3. logits
 
@@ -732,10 +736,10 @@ class GPT(nn.Module):
             idx_Bl = sample_logits(self.scale_logits(x, cond, start, caches, t), temperature, top_k, top_p,
                                    generator).view(B, s * s)
             for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
-                x_r = double(self.next_input(f_hat + upsample(self.scale_codes(idx_Bl, s), n), s))
+                x_r = double(self.next_input(add_scale(f_hat, self.scale_codes(idx_Bl, s)), s))
                 logits = self.scale_logits(x_r, cond, start, caches, t, rerun=True)
                 idx_Bl = sample_logits(logits, temperature, k_r, p_r, generator).view(B, s * s)
-            f_hat = f_hat + upsample(self.scale_codes(idx_Bl, s), n)
+            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
             out.append(idx_Bl)
             start += s * s
             if si + 1 < S:
