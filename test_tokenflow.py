@@ -629,6 +629,18 @@ def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(
     assert not torch.equal(first, idx)  # refining changed something, so the check above can fail
 
 
+def test_kv_cache_rerun_view_reads_without_appending():
+    """Re-running the newest l tokens: they attend to the cache minus its last l entries plus their own
+    keys and values, and the cache keeps the first run."""
+    cache = tf.KVCache()
+    k1, v1, k2, v2, k3, v3 = (torch.randn(2, 3, l, 4) for l in (5, 5, 2, 2, 2, 2))
+    cache(k1, v1)
+    assert all(torch.equal(a, torch.cat(b, 2)) for a, b in zip(cache(k2, v2), ([k1, k2], [v1, v2])))
+    rerun = cache.rerun_view(2)(k3, v3)
+    assert all(torch.equal(a, torch.cat(b, 2)) for a, b in zip(rerun, ([k1, k3], [v1, v3])))
+    assert torch.equal(cache.k, torch.cat([k1, k2], 2)) and torch.equal(cache.v, torch.cat([v1, v2], 2))
+
+
 def test_sample_logits_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
     g = torch.Generator().manual_seed(0)

@@ -543,21 +543,23 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of one attention layer for the tokens run so far (GPT sampling only).
-    rerun = True runs the newest l tokens again with other inputs: they attend to the cache
-    without its last l entries, and the cache keeps the first run."""
+    """Keys and values of one attention layer for the tokens run so far (GPT sampling only). Called
+    with the new tokens' keys and values (B, heads, l, d), it appends them and returns all of them."""
 
     def __init__(self):
         self.k = self.v = None
-        self.rerun = False
 
-    def __call__(self, k, v):  # new tokens' (B, heads, l, d) -> keys and values they attend to
-        if self.rerun:
-            l = k.shape[2]
-            return torch.cat([self.k[:, :, :-l], k], dim=2), torch.cat([self.v[:, :, :-l], v], dim=2)
+    def __call__(self, k, v):
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        return self.k, self.v  # (B, heads, tokens so far, d)
+
+    def rerun_view(self, l):
+        """A read-only view for running the newest l tokens again with other inputs (multi-step sampling):
+        they attend to this cache minus its last l entries; nothing is appended, the cache keeps the first run."""
+        def attend(k, v):  # (B, heads, l, d) -> keys and values the re-run tokens attend to
+            return torch.cat([self.k[:, :, :-l], k], dim=2), torch.cat([self.v[:, :, :-l], v], dim=2)
+        return attend
 
 
 class AdaLNBlock(nn.Module):
@@ -694,12 +696,10 @@ class GPT(nn.Module):
 
     # -- sampling
 
-    def scale_logits(self, x_BlD, cond, start, caches, t, rerun=False):
-        """One scale's inputs (B, l, D) at positions start .. start + l through the blocks, attending to
-        the cache -> logits (B*l, K); the batch holds conditional then unconditional rows when t is not
-        None: CFG with weight t."""
-        for cache in caches:
-            cache.rerun = rerun
+    def scale_logits(self, x_BlD, cond, start, caches, t):
+        """One scale's inputs (B, l, D) at positions start .. start + l through the blocks, each
+        attending through its cache (a KVCache, or a rerun_view of one) -> logits (B*l, K); the batch
+        holds conditional then unconditional rows when t is not None: CFG with weight t."""
         logits = self.transformer(self.embed(x_BlD, start), cond, caches=caches).float()  # (B or 2B, l, K)
         if t is not None:
             cond, uncond = logits.chunk(2)
@@ -737,7 +737,8 @@ class GPT(nn.Module):
                                    generator).view(B, s * s)
             for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
                 x_r = double(self.next_input(add_scale(f_hat, self.scale_codes(idx_Bl, s)), s))
-                logits = self.scale_logits(x_r, cond, start, caches, t, rerun=True)
+                reruns = [cache.rerun_view(s * s) for cache in caches]  # the first pass's context, kept
+                logits = self.scale_logits(x_r, cond, start, reruns, t)
                 idx_Bl = sample_logits(logits, temperature, k_r, p_r, generator).view(B, s * s)
             f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
             out.append(idx_Bl)
