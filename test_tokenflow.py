@@ -528,7 +528,7 @@ def scale_bounds(cfg):
 
 def test_greedy_cached_generation_equals_teacher_forced_argmax(gpt):
     labels = torch.tensor([0, 1, 2, 1])
-    idx = gpt.generate(labels, cfg=0, top_k=1)
+    idx = gpt.generate(labels, cfg_scale=0, top_k=1)
     assert idx.shape == (4, TINY.seq_len) and idx.dtype == torch.long
     with torch.no_grad():
         logits = gpt(idx, labels)  # (B, L, K)
@@ -538,13 +538,13 @@ def test_greedy_cached_generation_equals_teacher_forced_argmax(gpt):
 
 @pytest.mark.parametrize("schedule", ["linear", "constant"])
 def test_guided_generation_uses_1_plus_t_cond_minus_t_uncond(gpt, schedule):
-    labels, cfg = torch.tensor([0, 2]), 2.5
-    idx = gpt.generate(labels, cfg=cfg, cfg_schedule=schedule, top_k=1)
+    labels, cfg_scale = torch.tensor([0, 2]), 2.5
+    idx = gpt.generate(labels, cfg_scale=cfg_scale, cfg_schedule=schedule, top_k=1)
     with torch.no_grad():
         cond, uncond = gpt(idx, labels), gpt(idx, torch.full_like(labels, GPT_TINY.num_classes))
     S = len(TINY.scales)
     for si, (a, b) in enumerate(scale_bounds(TINY)):
-        t = cfg * si / (S - 1) if schedule == "linear" else cfg
+        t = cfg_scale * si / (S - 1) if schedule == "linear" else cfg_scale
         guided = (1 + t) * cond[:, a:b] - t * uncond[:, a:b]
         assert torch.equal(guided.argmax(-1), idx[:, a:b]), si
     assert not torch.equal(cond.argmax(-1), uncond.argmax(-1))  # the label matters, so the check can fail
@@ -593,7 +593,7 @@ def test_gpt_inputs_are_the_tokenizers_cumulative_features():
 
 def test_same_seed_gives_the_same_samples(gpt):
     labels = torch.tensor([0, 1, 2, 0])
-    run = lambda seed, **kw: gpt.generate(labels, cfg=1.5, top_k=20, top_p=0.9,
+    run = lambda seed, **kw: gpt.generate(labels, cfg_scale=1.5, top_k=20, top_p=0.9,
                                           generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
     assert torch.equal(run(3, refine=[(5, 0.8)]), run(3, refine=[(5, 0.8)]))
@@ -618,8 +618,8 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
 
 def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(gpt):
     labels = torch.tensor([0, 1, 2])
-    idx = gpt.generate(labels, cfg=0, top_k=1, refine=[(1, 0.0)], generator=torch.Generator().manual_seed(0))
-    assert torch.equal(idx, gpt.generate(labels, cfg=0, top_k=1, refine=[(1, 0.0)],
+    idx = gpt.generate(labels, cfg_scale=0, top_k=1, refine=[(1, 0.0)], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(idx, gpt.generate(labels, cfg_scale=0, top_k=1, refine=[(1, 0.0)],
                                          generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         first = gpt(idx, labels).argmax(-1)  # the first pass of each scale sees the final earlier scales
@@ -1858,7 +1858,7 @@ def test_bench_no_cache_sampler_gives_the_cached_samples(gpt):
     import bench
     labels = torch.tensor([0, 2, 3])  # 3: the null class
     for top_k, top_p in ((0, 0.0), (20, 0.8)):
-        ours = gpt.generate(labels, cfg=2.0, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(1))
+        ours = gpt.generate(labels, cfg_scale=2.0, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(1))
         theirs = bench.generate_no_cache(gpt, labels, 2.0, top_k, top_p, torch.Generator().manual_seed(1))
         assert torch.equal(ours, theirs)
 
@@ -1975,7 +1975,7 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     val, *generated = evaluate.main(["eval", *flags])
     assert val["split"] == "val" and np.isfinite(val["psnr"]) and 0 < val["ssim"] <= 1
     assert len(val["usage_per_scale"]) == len(val["perplexity_per_scale"]) == 5 and 0 < val["usage"] <= 1
-    assert [g["cfg"] for g in generated] == [0.0, evaluate.DEFAULT_CFG]
+    assert [g["cfg"] for g in generated] == [0.0, evaluate.DEFAULT_CFG_SCALE]
     for g in generated:  # a GPT after 2 steps is far from the real images
         assert g["images"] == 24 and g["fd_teacher"] > g["fd_teacher_real"] > 0
         assert 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1
@@ -2097,19 +2097,20 @@ def test_sampling_never_gives_nan(gpt):
     """Issue 15, fault 5: a temperature too small to divide by samples greedily, and guidance or
     temperatures of any finite size (or infinite logits) never make the sampler fail."""
     labels = torch.tensor([0, 1, 2])
-    greedy = gpt.generate(labels, cfg=0, top_k=1)
+    greedy = gpt.generate(labels, cfg_scale=0, top_k=1)
     for t in (1e-40, 1e-50, 0.0):
-        assert torch.equal(gpt.generate(labels, cfg=0, temperature=t), greedy), t
+        assert torch.equal(gpt.generate(labels, cfg_scale=0, temperature=t), greedy), t
     g = torch.Generator().manual_seed(0)
-    for cfg, t in ((1e30, 1.0), (3e38, 1e30), (3e38, 1e-30)):
-        idx = gpt.generate(labels, cfg=cfg, cfg_schedule="constant", temperature=t, top_p=0.9, generator=g)
+    for cfg_scale, t in ((1e30, 1.0), (3e38, 1e30), (3e38, 1e-30)):
+        idx = gpt.generate(labels, cfg_scale=cfg_scale, cfg_schedule="constant", temperature=t, top_p=0.9, generator=g)
         assert idx.min() >= 0 and idx.max() < TINY.codebook_size
     inf = float("inf")
     logits = torch.tensor([[inf, 0.0, -inf, inf], [-inf, -inf, -inf, -inf], [3e38, -3e38, 0.0, 1.0]])
     for t in (1.0, 1e-30, 1e30):
         assert tf.sample_logits(logits, temperature=t, generator=g).shape == (3,)
-    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(cfg=float("nan")), dict(cfg=float("inf"))):
-        with pytest.raises(ValueError, match="cfg must be a finite number and temperature"):
+    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(cfg_scale=float("nan")),
+                dict(cfg_scale=float("inf"))):
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number and temperature"):
             gpt.generate(labels, **bad)
 
 

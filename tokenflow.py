@@ -707,32 +707,32 @@ class GPT(nn.Module):
         return logits.flatten(0, 1)
 
     @torch.no_grad()
-    def generate(self, labels, cfg=3.0, cfg_schedule="linear", temperature=1.0, top_k=0, top_p=0.0,
+    def generate(self, labels, cfg_scale=3.0, cfg_schedule="linear", temperature=1.0, top_k=0, top_p=0.0,
                  generator=None, refine=None):
         """Class labels (B,) long -> ids (B, L), one forward of each scale's tokens through a KV cache.
-        cfg: classifier-free guidance weight t_max: logits = (1 + t) cond - t uncond, t = cfg * k / (S - 1)
-          at scale k = 0 .. S-1 ('linear', the official schedule) or cfg ('constant'); 0 samples the
-          conditional logits in one pass of B, otherwise one batched pass of 2B.
+        cfg_scale: classifier-free guidance weight t_max: logits = (1 + t) cond - t uncond, t = cfg_scale
+          * k / (S - 1) at scale k = 0 .. S-1 ('linear', the official schedule) or cfg_scale ('constant');
+          0 samples the conditional logits in one pass of B, otherwise one batched pass of 2B.
         temperature, top_k, top_p: see sample_logits. generator: a seeded torch.Generator.
         refine: TokenFlow's multi-step sampling, (top_k, top_p) pairs: each scale but the first is
           predicted again with its own sample fed in (the cumulative feature including it) and
           resampled, once per pair (paper: top_k, top_p = 1200, 0.8, refine [(100, 0.8), (1, 0.0)]).
           The cache keeps the first pass, so later scales see the same inputs as in training."""
         self.check_inputs(labels)
-        if not (math.isfinite(cfg) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"cfg must be a finite number and temperature a finite number >= 0 (0: greedy); "
-                             f"got cfg {cfg}, temperature {temperature}")
+        if not (math.isfinite(cfg_scale) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"cfg_scale must be a finite number and temperature a finite number >= 0 (0: greedy); "
+                             f"got cfg_scale {cfg_scale}, temperature {temperature}")
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         B, S, n = len(labels), len(self.scales), self.grid
-        guided = cfg != 0
+        guided = cfg_scale != 0
         rows = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
         double = (lambda x: x.repeat(2, 1, 1)) if guided else (lambda x: x)  # same inputs for both halves
         caches = [KVCache() for _ in self.blocks]
         cond = self.class_emb(rows)  # (B or 2B, D)
         x, f_hat, start, out = cond[:, None], self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
         for si, s in enumerate(self.scales):
-            t = (cfg * si / max(1, S - 1) if cfg_schedule == "linear" else cfg) if guided else None
+            t = (cfg_scale * si / max(1, S - 1) if cfg_schedule == "linear" else cfg_scale) if guided else None
             idx_Bl = sample_logits(self.scale_logits(x, cond, start, caches, t), temperature, top_k, top_p,
                                    generator).view(B, s * s)
             for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
