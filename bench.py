@@ -196,7 +196,7 @@ def generate_no_cache(gpt, labels, cfg_scale, top_k, top_p, generator):
     B, S, n = len(labels), len(gpt.scales), gpt.grid
     rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)])
     class_BD = gpt.class_emb(rows)
-    inputs, f_hat, start, out = [class_BD[:, None]], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
+    inputs, f_hat, start, out = [gpt.start_tokens(class_BD)], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
     for si, s in enumerate(gpt.scales):
         end = start + s * s
         x = gpt.embed(torch.cat(inputs, 1), 0)  # (2B, end, D)

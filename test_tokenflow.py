@@ -605,7 +605,7 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
     in, i.e. its input is the cumulative feature including first_k; earlier scales as in training."""
     scales, n = gpt.scales, gpt.grid
     cond = gpt.class_emb(labels)
-    x, f_hat, start = [cond[:, None]], torch.zeros(len(idx), gpt.codes.shape[1], n, n), 0
+    x, f_hat, start = [gpt.start_tokens(cond)], torch.zeros(len(idx), gpt.codes.shape[1], n, n), 0
     for si, s in enumerate(scales[:k]):
         f_hat = tf.add_scale(f_hat, gpt.scale_codes(idx[:, start:start + s * s], s))
         start += s * s
@@ -627,6 +627,37 @@ def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(
             refined = refined_scale_logits(gpt, idx, labels, k, first[:, a:b]).argmax(-1)
             assert torch.equal(refined, idx[:, a:b]), k
     assert not torch.equal(first, idx)  # refining changed something, so the check above can fail
+
+
+def test_a_first_scale_above_1_gets_that_many_start_tokens():
+    """Scales (2, 4, 8): the first scale's 2*2 tokens all read the class embedding, plus their own position
+    and level embeddings (VAR's first_l start positions); with one start token forward and generate failed.
+    Cached greedy generation = the teacher-forced argmax, with and without refine; future scales do not
+    change past logits."""
+    cfg = replace(TINY, image_size=32, scales=(2, 4, 8))
+    torch.manual_seed(0)
+    gpt = tf.GPT(GPT_TINY, tf.TokenFlow(cfg)).eval()
+    for ada in [block.ada for block in gpt.blocks] + [gpt.head_ada]:
+        torch.nn.init.normal_(ada[1].weight, std=0.1)
+    labels = torch.tensor([0, 1, 2])
+    idx = gpt.generate(labels, cfg_scale=0, top_k=1)
+    assert idx.shape == (3, cfg.seq_len) == (3, 84) and idx.dtype == torch.long
+    changed = idx.clone()
+    changed[:, 4:20] = (changed[:, 4:20] + 1) % cfg.codebook_size  # the 4x4 scale
+    with torch.no_grad():
+        logits, after = gpt(idx, labels), gpt(changed, labels)
+    assert logits.shape == (3, 84, cfg.codebook_size)
+    assert torch.equal(logits.argmax(-1), idx)  # every position, every scale
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # the start positions differ by position
+    assert torch.allclose(after[:, :20], logits[:, :20], atol=1e-6)  # scales <= 4x4: unchanged
+    assert (after[:, 20:] - logits[:, 20:]).abs().amax(-1).min() > 1e-4  # every token of the 8x8 scale moves
+    refined = gpt.generate(labels, cfg_scale=0, top_k=1, refine=[(1, 0.0)])
+    with torch.no_grad():
+        first = gpt(refined, labels).argmax(-1)
+        for k, (a, b) in list(enumerate(scale_bounds(cfg)))[1:]:
+            assert torch.equal(refined_scale_logits(gpt, refined, labels, k, first[:, a:b]).argmax(-1), refined[:, a:b])
+    guided = gpt.generate(labels, cfg_scale=2.0, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert guided.shape == (3, 84)
 
 
 def test_kv_cache_rerun_view_reads_without_appending():

@@ -609,10 +609,10 @@ def sample_logits(logits_NK, temperature=1.0, top_k=0, top_p=0.0, generator=None
 
 class GPT(nn.Module):
     """Class-conditional next-scale prediction (VAR, Sec. 3) over a tokenizer's shared ids. The tokens
-    of scale k read the cumulative quantized feature after scale k-1 (scale 1 reads the class embedding)
-    and are predicted at once; scale k attends to scales <= k. The class embedding also conditions every
-    block and the norm before the head by AdaLN, as VAR does. Built from a trained tokenizer, whose unit
-    codes it keeps as a frozen, unsaved buffer."""
+    of scale k read the cumulative quantized feature after scale k-1 (the first scale's s*s tokens read
+    the class embedding: VAR's start positions) and are predicted at once; scale k attends to scales
+    <= k. The class embedding also conditions every block and the norm before the head by AdaLN, as
+    VAR does. Built from a trained tokenizer, whose unit codes it keeps as a frozen, unsaved buffer."""
 
     def __init__(self, cfg, tokenizer):
         super().__init__()
@@ -625,7 +625,7 @@ class GPT(nn.Module):
         level = torch.cat([torch.full((s * s,), si) for si, s in enumerate(scales)])  # (L,) scale of each position
         self.register_buffer("level", level, persistent=False)
         self.register_buffer("mask", level[None, :] <= level[:, None], persistent=False)  # (L, L) block-causal
-        # 1. inputs: class embedding (start token), projected codes, position and level embeddings
+        # 1. inputs: class embedding (start tokens), projected codes, position and level embeddings
         self.class_emb = nn.Embedding(cfg.num_classes + 1, D)
         self.word_embed = nn.Linear(codes.shape[1], D)
         self.pos_embed = nn.Parameter(torch.randn(len(level), D) * 0.02)
@@ -656,6 +656,10 @@ class GPT(nn.Module):
     def scale_codes(self, idx_Bl, s):
         return self.codes[idx_Bl].transpose(1, 2).unflatten(2, (s, s))  # (B, C, s, s)
 
+    def start_tokens(self, cond_BD):
+        """The first scale's input: the class embedding on each of its s*s positions (VAR) -> (B, s*s, D)."""
+        return cond_BD[:, None].expand(-1, self.scales[0] ** 2, -1)
+
     def next_input(self, f_hat_BCnn, s):
         """The cumulative feature, area-resized to the next scale's s x s tokens (VAR) -> (B, s*s, D)."""
         return self.word_embed(F.interpolate(f_hat_BCnn, size=(s, s), mode="area").flatten(2).transpose(1, 2))
@@ -676,9 +680,9 @@ class GPT(nn.Module):
         if self.training and self.cfg.class_drop > 0:
             drop = torch.rand(B, device=labels_B.device) < self.cfg.class_drop
             labels_B = torch.where(drop, self.cfg.num_classes, labels_B)
-        # 1. inputs: the start token, then for each next scale the sum of the codes so far
+        # 1. inputs: the start tokens, then for each next scale the sum of the codes so far
         cond = self.class_emb(labels_B)  # (B, D)
-        x, f_hat = [cond[:, None]], self.codes.new_zeros(B, self.codes.shape[1], n, n)
+        x, f_hat = [self.start_tokens(cond)], self.codes.new_zeros(B, self.codes.shape[1], n, n)
         idx_per_scale = idx_BL.split([s * s for s in self.scales], dim=1)
         for s, s_next, idx_Bl in zip(self.scales, self.scales[1:], idx_per_scale):
             f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))  # as the tokenizer builds it
@@ -730,7 +734,7 @@ class GPT(nn.Module):
         double = (lambda x: x.repeat(2, 1, 1)) if guided else (lambda x: x)  # same inputs for both halves
         caches = [KVCache() for _ in self.blocks]
         cond = self.class_emb(rows)  # (B or 2B, D)
-        x, f_hat, start, out = cond[:, None], self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
+        x, f_hat, start, out = self.start_tokens(cond), self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
         for si, s in enumerate(self.scales):
             t = (cfg_scale * si / max(1, S - 1) if cfg_schedule == "linear" else cfg_scale) if guided else None
             idx_Bl = sample_logits(self.scale_logits(x, cond, start, caches, t), temperature, top_k, top_p,
