@@ -520,6 +520,28 @@ def test_a_new_adaln_block_is_a_plain_pre_norm_block():
         assert not torch.allclose(ada(x, cond), plain(x), atol=1e-3)  # trained, the condition moves it
 
 
+def test_adaln_block_computes_its_docstring_formula():
+    """AdaLNBlock's docstring formula, computed by hand with random nonzero ada weights: branches gated by
+    1 + gate (VAR and DiT gate by gate), the six vectors in VAR's order."""
+    doc = " ".join(tf.AdaLNBlock.__doc__.split())
+    assert "x = x + (1 + gate1) * attn(LN(x) * (1 + scale1) + shift1)" in doc
+    assert "x = x + (1 + gate2) * mlp(LN(x) * (1 + scale2) + shift2)" in doc
+    assert "gate1, gate2, scale1, scale2, shift1, shift2" in doc
+    torch.manual_seed(0)
+    block = tf.AdaLNBlock(32, 2)
+    torch.nn.init.normal_(block.ada[1].weight, std=0.3)
+    torch.nn.init.normal_(block.ada[1].bias, std=0.3)
+    x, c = torch.randn(3, 5, 32), torch.randn(3, 32)
+    LN = lambda h: F.layer_norm(h, (32,))  # no affine of its own
+    with torch.no_grad():
+        gate1, gate2, scale1, scale2, shift1, shift2 = block.ada[1](F.silu(c))[:, None].chunk(6, dim=-1)
+        h = x + (1 + gate1) * block.attn(LN(x) * (1 + scale1) + shift1)
+        want = h + (1 + gate2) * block.mlp(LN(h) * (1 + scale2) + shift2)
+        assert torch.allclose(block(x, c), want, atol=1e-5)
+        h = x + gate1 * block.attn(LN(x) * (1 + scale1) + shift1)  # VAR's and DiT's gating: another block
+        assert not torch.allclose(block(x, c), h + gate2 * block.mlp(LN(h) * (1 + scale2) + shift2), atol=1e-2)
+
+
 def scale_bounds(cfg):
     """[(start, end)] of each scale's positions in the sequence."""
     ends = torch.tensor([s * s for s in cfg.scales]).cumsum(0).tolist()
@@ -762,6 +784,23 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     assert abs(count(enhanced) - count(enhanced.from_code) - 237_117_187) < 0.01 * 237_117_187
     toy = tf.enhanced_decoder(tf.PRESETS["toy"]["tokenizer"])  # the toy's own, doubled: not the 74.6M official one
     assert (toy.pix_dec_ch, toy.pix_dec_res_blocks) == (64, 2) and count(tf.PixelDecoder(toy)) < 4e6
+
+
+def test_enhanced_decoder_docstring_states_what_is_built():
+    """enhanced_decoder's docstring, checked against the tokenflow-b decoder built on the meta device: config
+    count 4, 5 res blocks per level (PixelDecoder builds pix_dec_res_blocks + 1, as VQGAN), its parameters."""
+    cfg = tf.enhanced_decoder(tf.PRESETS["tokenflow-b"]["tokenizer"])
+    with torch.device("meta"):
+        dec = tf.PixelDecoder(cfg)
+    per_level = [0]
+    for m in list(dec.layers)[3:]:  # after the middle ResBlock, AttnBlock, ResBlock: levels split by Upsample2x
+        if isinstance(m, tf.Upsample2x):
+            per_level.append(0)
+        per_level[-1] += isinstance(m, tf.ResBlock)
+    assert cfg.pix_dec_res_blocks == 4 and per_level == [5] * len(cfg.pix_ch_mult)
+    doc = " ".join(tf.enhanced_decoder.__doc__.split())
+    assert "pix_dec_res_blocks 4, so 5 res blocks per level" in doc
+    assert f"({sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters)" in doc  # 237,119,491
 
 
 @pytest.mark.parametrize("change,message", [

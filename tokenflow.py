@@ -32,6 +32,7 @@ References
 5) CLIP, Radford et al. 2021: https://arxiv.org/abs/2103.00020 (the ViT layout below follows it)
 6) Classifier-free guidance, Ho & Salimans 2022: https://arxiv.org/abs/2207.12598 ;
    nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
+7) DiT (adaLN), Peebles & Xie 2023: https://arxiv.org/abs/2212.09748
 """
 
 import math
@@ -172,7 +173,7 @@ class TokenizerConfig:
     pix_res_blocks: int = 2  # res blocks per encoder level
     z_channels: int = 256  # CNN width at the grid, before the 1x1 conv down to pix_dim
     pix_dec_ch: int = 128  # decoder base channels (the official "enhanced decoder": 256)
-    pix_dec_res_blocks: int = 2  # the decoder has this + 1 res blocks per level, as VQGAN (enhanced: 4)
+    pix_dec_res_blocks: int = 2  # decoder res blocks per level: this + 1, as VQGAN (enhanced: 4, so 5)
     # dual codebook with one shared index
     codebook_size: int = 32768  # K entries in each of the two tables
     sem_dim: int = 32  # semantic code width; 0: no semantic half (VQGAN-style, train.py --codebook pixel)
@@ -563,9 +564,13 @@ class KVCache:
 
 
 class AdaLNBlock(nn.Module):
-    """A pre-norm block whose LayerNorms take their scale and shift, and whose two branches their
-    gate, from a condition vector (B, D): VAR's AdaLN conditioning on the class embedding (DiT's
-    adaLN). The condition's projection starts at zero, so a new block is a plain pre-norm block."""
+    """A pre-norm block conditioned on a vector c (B, D), after VAR's AdaLNSelfAttn and DiT's adaLN.
+    One linear map of SiLU(c) gives six (B, D) vectors gate1, gate2, scale1, scale2, shift1, shift2
+    (in that order, as VAR), and with LN a LayerNorm without its own affine:
+        x = x + (1 + gate1) * attn(LN(x) * (1 + scale1) + shift1)
+        x = x + (1 + gate2) * mlp(LN(x) * (1 + scale2) + shift2)
+    VAR and DiT multiply each branch by gate, not 1 + gate (DiT zero-inits the map, so a new block is
+    the identity). Here the map starts at zero too, so a new block is a plain pre-norm block."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -855,8 +860,9 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 
 def enhanced_decoder(cfg):
     """TokenFlow's enhanced pixel decoder, defined relative to the base one: "double both the number
-    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and 4 res
-    blocks per level, the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
+    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and
+    pix_dec_res_blocks 4, so 5 res blocks per level (the decoder builds pix_dec_res_blocks + 1, as
+    VQGAN's), the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
     return replace(cfg, pix_dec_ch=2 * cfg.pix_dec_ch, pix_dec_res_blocks=2 * cfg.pix_dec_res_blocks)
 
 
