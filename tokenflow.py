@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 
 def group_norm(ch):
-    return nn.GroupNorm(32, ch, eps=1e-6)  # VQGAN's Normalize (on CUDA: channels_last, Speed variants)
+    return nn.GroupNorm(32, ch, eps=1e-6)  # VQGAN's Normalize; on CUDA channels_last() swaps in a faster one
 
 
 class ResBlock(nn.Module):
@@ -565,8 +565,8 @@ class KVCache:
 
 class AdaLNBlock(nn.Module):
     """A pre-norm block conditioned on a vector c (B, D), after VAR's AdaLNSelfAttn and DiT's adaLN.
-    One linear map of SiLU(c) gives six (B, D) vectors gate1, gate2, scale1, scale2, shift1, shift2
-    (in that order, as VAR), and with LN a LayerNorm without its own affine:
+    One linear map of SiLU(c) gives six (B, D) vectors gate1, gate2, scale1, scale2, shift1, shift2 (VAR's
+    order); with LN a LayerNorm without affine parameters, the block computes
         x = x + (1 + gate1) * attn(LN(x) * (1 + scale1) + shift1)
         x = x + (1 + gate2) * mlp(LN(x) * (1 + scale2) + shift2)
     VAR and DiT multiply each branch by gate, not 1 + gate (DiT zero-inits the map, so a new block is
