@@ -189,23 +189,23 @@ def bench_vq(args):
 
 
 @torch.no_grad()
-def generate_no_cache(gpt, labels, cfg, top_k, top_p, generator):
+def generate_no_cache(gpt, labels, cfg_scale, top_k, top_p, generator):
     """GPT.generate's math with guidance on the linear schedule, the way the official sampler runs
     it: every scale runs a plain forward over the whole prefix (no KV cache) and keeps the logits
     of its own tokens. Our baseline."""
     B, S, n = len(labels), len(gpt.scales), gpt.grid
     rows = torch.cat([labels, torch.full_like(labels, gpt.cfg.num_classes)])
     class_BD = gpt.class_emb(rows)
-    inputs, f_hat, start, out = [class_BD[:, None]], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
+    inputs, f_hat, start, out = [gpt.start_tokens(class_BD)], gpt.codes.new_zeros(B, gpt.codes.shape[1], n, n), 0, []
     for si, s in enumerate(gpt.scales):
         end = start + s * s
         x = gpt.embed(torch.cat(inputs, 1), 0)  # (2B, end, D)
         logits = gpt.transformer(x, class_BD, mask=gpt.mask[:end, :end]).float()  # a plain forward over the prefix
         cond, uncond = logits[:, start:end].chunk(2)
-        t = cfg * si / max(1, S - 1)
+        t = cfg_scale * si / max(1, S - 1)
         idx = tf.sample_logits((cond + t * (cond - uncond)).flatten(0, 1), 1.0, top_k, top_p, generator)
         idx = idx.view(B, s * s)
-        f_hat = f_hat + tf.upsample(gpt.scale_codes(idx, s), n)
+        f_hat = tf.add_scale(f_hat, gpt.scale_codes(idx, s))
         out.append(idx)
         start = end
         if si + 1 < S:
@@ -219,7 +219,7 @@ def bench_sample(args):
     torch.manual_seed(0)
     gpt = tf.GPT(gpt_cfg, CodebookOnly(cfg)).to(args.device).eval()
     labels = torch.arange(8, device=args.device)
-    kw = dict(cfg=3.0, top_k=600, top_p=0.8)
+    kw = dict(cfg_scale=3.0, top_k=600, top_p=0.8)
     gen = lambda: torch.Generator(args.device).manual_seed(0)
     ours = lambda: gpt.generate(labels, generator=gen(), **kw)
     no_cache = lambda: generate_no_cache(gpt, labels, generator=gen(), **kw)
@@ -238,7 +238,7 @@ def bench_sample(args):
     report("sample", "floor", mine[0], timed(floor, args.repeats, args.device), mine[1], peak_mb(floor, args.device), **shape)
     report("sample", "no-cache", mine[0], timed(no_cache, args.repeats, args.device), mine[1],
            peak_mb(no_cache, args.device), same_samples=bool(torch.equal(ours(), no_cache())),
-           same_greedy_samples=bool(torch.equal(gpt.generate(labels, cfg=3.0, top_k=1),
+           same_greedy_samples=bool(torch.equal(gpt.generate(labels, cfg_scale=3.0, top_k=1),
                                                  generate_no_cache(gpt, labels, 3.0, 1, 0.0, None))), **shape)
 
 
@@ -271,7 +271,7 @@ def train_steps(args, stage):
         data = device_batches(TokenDataset(ids, np.arange(8192) % 8), batch, 0, device=args.device)
         loss_fn = lambda idx, y: tf.gpt_loss(model(idx, y), idx)
     if args.device.startswith("cuda"):
-        model.to(memory_format=torch.channels_last)  # as train.py's wrap: cuDNN's NHWC convs
+        tf.channels_last(model)  # as train.py's wrap: cuDNN's NHWC convs, a GroupNorm that keeps the layout
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):

@@ -68,7 +68,8 @@ from utils.weights import load_teacher, teacher_path
 
 SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
             if k not in ("self", "labels", "generator")}  # GPT.generate's defaults, as sample.py uses them
-DEFAULT_CFG = SAMPLING["cfg"]  # GPT.generate's guidance weight, recorded with class_acc
+DEFAULT_CFG_SCALE = SAMPLING["cfg_scale"]  # GPT.generate's guidance weight, recorded with class_acc
+DEFAULT_CFG = DEFAULT_CFG_SCALE  # the old name, until train.py reads DEFAULT_CFG_SCALE: then delete this line
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -379,7 +380,7 @@ def parser():
     what.add_argument("--recon", action="store_true", help="export the tokenizer's reconstructions of them instead")
     p.add_argument("--batch-size", type=int, default=256, help="images per generation or encoding batch")
     # generation (eval, export): GPT.generate's defaults, as sample.py
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance weight of the guided row; eval "
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG_SCALE, help="guidance weight of the guided row; eval "
                    "also measures cfg 0")
     p.add_argument("--cfg-schedule", default=SAMPLING["cfg_schedule"], choices=["linear", "constant"])
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="softmax temperature (> 0)")
@@ -433,17 +434,17 @@ class Run:
         judge, _ = load_model(path, "judge", classes=self.classes, fix=f"give the judge of {self.tokenizer_path}'s run")
         return judge.to(self.args.device).eval()
 
-    def sampling(self, cfg):
-        """GPT.generate's options from the flags, at guidance cfg."""
+    def sampling(self, cfg_scale):
+        """GPT.generate's options from the flags, at guidance weight cfg_scale."""
         a = self.args
-        return dict(cfg=cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                    refine=a.refine)
+        return dict(cfg_scale=cfg_scale, cfg_schedule=a.cfg_schedule, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, refine=a.refine)
 
-    def samples(self, gpt, n, cfg):
-        """n class-balanced samples at guidance cfg, in batches -> (labels, ids, images)."""
+    def samples(self, gpt, n, cfg_scale):
+        """n class-balanced samples at guidance weight cfg_scale, in batches -> (labels, ids, images)."""
         a = self.args
         return generated_batches(gpt, self.tokenizer, torch.arange(n) % gpt.cfg.num_classes, a.batch_size, a.seed,
-                                 a.device, a.dtype, **self.sampling(cfg))
+                                 a.device, a.dtype, **self.sampling(cfg_scale))
 
     def log(self, rows):
         with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
@@ -475,12 +476,12 @@ def evaluate(run):
     if os.path.exists(os.path.join(a.out_dir, "gpt.pt")):
         gpt, n = run.gpt(), a.num_images or a.eval_images
         real, floor = features_and_floor(run, teacher, judge, val, n)
-        for cfg in dict.fromkeys((0.0, a.cfg)):
+        for cfg_scale in dict.fromkeys((0.0, a.cfg)):
             scores, *fake = score_generated(gpt, run.tokenizer, teacher, judge, torch.arange(n) % gpt.cfg.num_classes,
                                             a.batch_size, a.seed, a.device, a.dtype,
-                                            shapes=isinstance(val, ShapesDataset), **run.sampling(cfg))
+                                            shapes=isinstance(val, ShapesDataset), **run.sampling(cfg_scale))
             fd = {f"fd_{k}": frechet_distance(f, real[k]) for k, f in zip(("teacher", "judge"), fake) if f is not None}
-            rows.append({"stage": "eval", "split": "generated", "cfg": cfg, "images": n, **scores, **fd, **floor})
+            rows.append({"stage": "eval", "split": "generated", "cfg": cfg_scale, "images": n, **scores, **fd, **floor})
     else:
         print(f"no {a.out_dir}/gpt.pt: the tokenizer only")
     run.log(rows)

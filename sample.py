@@ -77,9 +77,11 @@ def parser():
 
 
 def sampling_options(args):
-    """The sampling flags given on the command line; unset ones take GPT.generate's defaults."""
-    return {k: getattr(args, k) for k in ("cfg", "cfg_schedule", "temperature", "top_k", "top_p", "refine")
-            if getattr(args, k) is not None}
+    """The sampling flags given on the command line as GPT.generate's options (--cfg is its cfg_scale);
+    unset ones take GPT.generate's defaults."""
+    options = {k: getattr(args, k) for k in ("cfg_schedule", "temperature", "top_k", "top_p", "refine")}
+    options["cfg_scale"] = args.cfg
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def class_ids(wanted, names, num_classes, path):

@@ -229,14 +229,13 @@ def brute_force(cb, z_sem, z_pix):
     return d
 
 
-@pytest.mark.parametrize("K,w,max_scores", [(512, 1.0, 2**22), (512, 3.5, None), (70_000, 1.0, None),
-                                             (4096, 0.25, 4000), (512, 1.0, 1),  # one row per chunk
-                                             (512, 1.0, 7 * 512), (4096, 1.0, math.inf)])  # 7 rows; all at once
-def test_shared_index_is_brute_force_argmin(K, w, max_scores):
+@pytest.mark.parametrize("K,w,rows", [(512, 1.0, None), (512, 3.5, None), (70_000, 1.0, None),  # rows: chunks
+                                       (4096, 0.25, 1), (512, 1.0, 7), (70_000, 1.0, 59)])
+def test_shared_index_is_brute_force_argmin(K, w, rows):
     torch.manual_seed(K)
     cb = tf.DualCodebook(K, 32, 8, pix_weight=w)
     z_sem, z_pix = torch.randn(300, 32) * 3, torch.randn(300, 8) * 0.5  # unnormalised on purpose
-    idx = cb.nearest(z_sem, z_pix, max_scores=max_scores)
+    idx = cb.nearest(z_sem, z_pix) if rows is None else tf.in_row_chunks(cb.nearest, rows, z_sem, z_pix)
     d = brute_force(cb, z_sem, z_pix)
     assert idx.shape == (300,) and idx.dtype == torch.long
     # ours attains the minimum distance; exact ties aside, it is the same index
@@ -257,15 +256,27 @@ class MatmulRows(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_search_chunks_rows_within_max_scores():
-    """Row chunks of at most max_scores scores: on a CPU by default 2**22 (128 rows at K = 32,768), all rows
-    at once for math.inf, one row where a row alone has more."""
+def test_quantizer_searches_in_row_chunks_of_bounded_scores():
+    """The codebook's forward runs nearest() on row chunks of at most 2**22 scores on a CPU (128 rows at
+    K = 32,768) and 2**28 on a GPU (8192 rows), one row where a row alone has more; the same ids."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (tf.score_rows(cpu, 32768), tf.score_rows(gpu, 32768), tf.score_rows(cpu, 2**23)) == (128, 8192, 1)
     cb = tf.DualCodebook(32768, 32, 8)
-    u_sem, u_pix = F.normalize(torch.randn(300, 32), dim=1), F.normalize(torch.randn(300, 8), dim=1)
-    for max_scores, rows in ((None, 128), (math.inf, 300), (1000, 1), (2**20, 32)):
-        with MatmulRows() as seen:
-            cb.search(u_sem, u_pix, max_scores)
-        assert seen.rows == [rows] * (300 // rows) + ([300 % rows] if 300 % rows else []), max_scores
+    z = torch.randn(300, 40)
+    with MatmulRows() as seen:
+        _, idx, _ = cb(z)
+    assert seen.rows == [128, 128, 44]
+    assert torch.equal(idx, cb.nearest(z[:, :32], z[:, 32:]))
+
+
+def test_row_chunks_give_the_unchunked_result():
+    """in_row_chunks(nearest) = nearest for chunk sizes that do and do not divide the rows."""
+    torch.manual_seed(0)
+    cb = tf.DualCodebook(4096, 32, 8, pix_weight=0.7)
+    z_sem, z_pix = torch.randn(300, 32) * 3, torch.randn(300, 8)
+    whole = cb.nearest(z_sem, z_pix)
+    for rows in (1, 7, 128, 299, 300, 1000):
+        assert torch.equal(tf.in_row_chunks(cb.nearest, rows, z_sem, z_pix), whole), rows
 
 
 def test_pix_weight_changes_the_choice():
@@ -322,31 +333,36 @@ def test_usage_perplexity_and_psnr_on_known_values():
 
 @pytest.mark.parametrize("s,n", [(1, 14), (2, 14), (3, 7), (6, 8), (13, 14), (4, 4), (5, 16)])
 def test_matrix_upsample_is_bicubic_interpolate(s, n):
-    """upsample's A x A^T = F.interpolate bicubic (align_corners False, no antialias), value and gradient,
-    for a contiguous and a channels_last input (what the quantizer's permuted rows are)."""
+    """upsample_matmul's A x A^T (what upsample runs) = F.interpolate bicubic (align_corners False, no
+    antialias), value and gradient, for a contiguous and a channels_last input (the quantizer's permuted rows)."""
     g = torch.Generator().manual_seed(s)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 5, s, s, generator=g).contiguous(memory_format=fmt).requires_grad_()
         dy = torch.randn(2, 5, n, n, generator=g)
-        ours = tf.upsample(x, n)
         theirs = F.interpolate(x, size=(n, n), mode="bicubic", align_corners=False, antialias=False)
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(*(torch.autograd.grad(y, x, dy)[0] for y in (ours, theirs)), atol=1e-5, rtol=1e-5)
+        for ours in (tf.upsample_matmul(x, n), tf.upsample(x, n)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(*(torch.autograd.grad(y, x, dy)[0] for y in (ours, theirs)), atol=1e-5,
+                                       rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_layout_keeping_group_norm_is_group_norm(dtype, tol):
-    """GroupNorm's CUDA path (layout_kept) = F.group_norm in fp32 (as autocast runs it), value and the
-    gradients of input, weight and bias, and keeps the input's dtype and memory layout."""
+    """ChannelsLastGroupNorm (what channels_last() puts in place of nn.GroupNorm) = F.group_norm in fp32 (as
+    autocast runs it), value and the gradients of input, weight and bias, and keeps the input's dtype and
+    memory layout."""
     torch.manual_seed(0)
     norm = tf.group_norm(64)
+    assert type(norm) is torch.nn.GroupNorm  # the plain form
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
+    tf.channels_last(norm)
+    assert type(norm) is tf.ChannelsLastGroupNorm
     x, dy = torch.randn(2, 64, 5, 6) * 3 + 1, torch.randn(2, 64, 5, 6)  # an offset mean: fp32 statistics matter
     for fmt in (torch.contiguous_format, torch.channels_last):
         x_ref, x_low = x.clone().requires_grad_(), x.to(dtype).contiguous(memory_format=fmt).requires_grad_()
         want = F.group_norm(x_ref, 32, norm.weight, norm.bias, norm.eps)
-        got = norm.layout_kept(x_low)
+        got = norm(x_low)
         assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
         for a, b in zip(torch.autograd.grad(got, [x_low, norm.weight, norm.bias], dy.to(dtype)),
@@ -355,10 +371,11 @@ def test_layout_keeping_group_norm_is_group_norm(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 5e-2)])
-def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol, monkeypatch):
-    """The pixel encoder and decoder as train.py runs them on CUDA (weights and activations channels_last,
-    GroupNorm.layout_kept) = the contiguous CPU path: outputs and gradients, in fp32 and under bf16
-    autocast; every activation stays channels_last (no layout round trip)."""
+def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol):
+    """The pixel encoder and decoder as train.py runs them on CUDA (tf.channels_last: weights and activations
+    channels_last, ChannelsLastGroupNorm) = the plain contiguous path: outputs and gradients, in fp32 and
+    under bf16 autocast; every activation stays channels_last (no layout round trip); the state_dict is
+    the same."""
     torch.manual_seed(0)
     cfg = replace(TINY, pix_dim=8)
     enc, dec = tf.PixelEncoder(cfg), tf.PixelDecoder(cfg)
@@ -372,8 +389,12 @@ def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol, monkeypatch):
         return z, y, grads
 
     z, y, grads = run(enc, dec)
-    enc_cl, dec_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (enc, dec))
-    monkeypatch.setattr(tf.GroupNorm, "forward", tf.GroupNorm.layout_kept)
+    enc_cl, dec_cl = (tf.channels_last(copy.deepcopy(m)) for m in (enc, dec))
+    for m, m_cl in ((enc, enc_cl), (dec, dec_cl)):
+        norms, kinds = sum(type(n) is torch.nn.GroupNorm for n in m.modules()), [type(n) for n in m_cl.modules()]
+        assert norms > 0 and kinds.count(tf.ChannelsLastGroupNorm) == norms and torch.nn.GroupNorm not in kinds
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m_cl.state_dict().values()))
+        assert list(m.state_dict()) == list(m_cl.state_dict())
     not_cl = []
     for name, m in [*enc_cl.named_modules(prefix="enc"), *dec_cl.named_modules(prefix="dec")]:
         m.register_forward_hook(lambda m, i, out, name=name: not_cl.append(name) if out.ndim == 4 and not
@@ -500,6 +521,28 @@ def test_a_new_adaln_block_is_a_plain_pre_norm_block():
         assert not torch.allclose(ada(x, cond), plain(x), atol=1e-3)  # trained, the condition moves it
 
 
+def test_adaln_block_computes_its_docstring_formula():
+    """AdaLNBlock's docstring formula, computed by hand with random nonzero ada weights: branches gated by
+    1 + gate (VAR and DiT gate by gate), the six vectors in VAR's order."""
+    doc = " ".join(tf.AdaLNBlock.__doc__.split())
+    assert "x = x + (1 + gate1) * attn(LN(x) * (1 + scale1) + shift1)" in doc
+    assert "x = x + (1 + gate2) * mlp(LN(x) * (1 + scale2) + shift2)" in doc
+    assert "gate1, gate2, scale1, scale2, shift1, shift2" in doc
+    torch.manual_seed(0)
+    block = tf.AdaLNBlock(32, 2)
+    torch.nn.init.normal_(block.ada[1].weight, std=0.3)
+    torch.nn.init.normal_(block.ada[1].bias, std=0.3)
+    x, c = torch.randn(3, 5, 32), torch.randn(3, 32)
+    LN = lambda h: F.layer_norm(h, (32,))  # no affine of its own
+    with torch.no_grad():
+        gate1, gate2, scale1, scale2, shift1, shift2 = block.ada[1](F.silu(c))[:, None].chunk(6, dim=-1)
+        h = x + (1 + gate1) * block.attn(LN(x) * (1 + scale1) + shift1)
+        want = h + (1 + gate2) * block.mlp(LN(h) * (1 + scale2) + shift2)
+        assert torch.allclose(block(x, c), want, atol=1e-5)
+        h = x + gate1 * block.attn(LN(x) * (1 + scale1) + shift1)  # VAR's and DiT's gating: another block
+        assert not torch.allclose(block(x, c), h + gate2 * block.mlp(LN(h) * (1 + scale2) + shift2), atol=1e-2)
+
+
 def scale_bounds(cfg):
     """[(start, end)] of each scale's positions in the sequence."""
     ends = torch.tensor([s * s for s in cfg.scales]).cumsum(0).tolist()
@@ -508,7 +551,7 @@ def scale_bounds(cfg):
 
 def test_greedy_cached_generation_equals_teacher_forced_argmax(gpt):
     labels = torch.tensor([0, 1, 2, 1])
-    idx = gpt.generate(labels, cfg=0, top_k=1)
+    idx = gpt.generate(labels, cfg_scale=0, top_k=1)
     assert idx.shape == (4, TINY.seq_len) and idx.dtype == torch.long
     with torch.no_grad():
         logits = gpt(idx, labels)  # (B, L, K)
@@ -518,13 +561,13 @@ def test_greedy_cached_generation_equals_teacher_forced_argmax(gpt):
 
 @pytest.mark.parametrize("schedule", ["linear", "constant"])
 def test_guided_generation_uses_1_plus_t_cond_minus_t_uncond(gpt, schedule):
-    labels, cfg = torch.tensor([0, 2]), 2.5
-    idx = gpt.generate(labels, cfg=cfg, cfg_schedule=schedule, top_k=1)
+    labels, cfg_scale = torch.tensor([0, 2]), 2.5
+    idx = gpt.generate(labels, cfg_scale=cfg_scale, cfg_schedule=schedule, top_k=1)
     with torch.no_grad():
         cond, uncond = gpt(idx, labels), gpt(idx, torch.full_like(labels, GPT_TINY.num_classes))
     S = len(TINY.scales)
     for si, (a, b) in enumerate(scale_bounds(TINY)):
-        t = cfg * si / (S - 1) if schedule == "linear" else cfg
+        t = cfg_scale * si / (S - 1) if schedule == "linear" else cfg_scale
         guided = (1 + t) * cond[:, a:b] - t * uncond[:, a:b]
         assert torch.equal(guided.argmax(-1), idx[:, a:b]), si
     assert not torch.equal(cond.argmax(-1), uncond.argmax(-1))  # the label matters, so the check can fail
@@ -573,7 +616,7 @@ def test_gpt_inputs_are_the_tokenizers_cumulative_features():
 
 def test_same_seed_gives_the_same_samples(gpt):
     labels = torch.tensor([0, 1, 2, 0])
-    run = lambda seed, **kw: gpt.generate(labels, cfg=1.5, top_k=20, top_p=0.9,
+    run = lambda seed, **kw: gpt.generate(labels, cfg_scale=1.5, top_k=20, top_p=0.9,
                                           generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
     assert torch.equal(run(3, refine=[(5, 0.8)]), run(3, refine=[(5, 0.8)]))
@@ -585,21 +628,21 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
     in, i.e. its input is the cumulative feature including first_k; earlier scales as in training."""
     scales, n = gpt.scales, gpt.grid
     cond = gpt.class_emb(labels)
-    x, f_hat, start = [cond[:, None]], 0, 0
+    x, f_hat, start = [gpt.start_tokens(cond)], torch.zeros(len(idx), gpt.codes.shape[1], n, n), 0
     for si, s in enumerate(scales[:k]):
-        f_hat = f_hat + tf.upsample(gpt.scale_codes(idx[:, start:start + s * s], s), n)
+        f_hat = tf.add_scale(f_hat, gpt.scale_codes(idx[:, start:start + s * s], s))
         start += s * s
         if si + 1 < k:
             x.append(gpt.next_input(f_hat, scales[si + 1]))
-    x.append(gpt.next_input(f_hat + tf.upsample(gpt.scale_codes(first_k, scales[k]), n), scales[k]))
+    x.append(gpt.next_input(tf.add_scale(f_hat, gpt.scale_codes(first_k, scales[k])), scales[k]))
     x, end = gpt.embed(torch.cat(x, 1), 0), start + scales[k] ** 2
     return gpt.transformer(x, cond, mask=gpt.mask[:end, :end])[:, start:end]
 
 
 def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(gpt):
     labels = torch.tensor([0, 1, 2])
-    idx = gpt.generate(labels, cfg=0, top_k=1, refine=[(1, 0.0)], generator=torch.Generator().manual_seed(0))
-    assert torch.equal(idx, gpt.generate(labels, cfg=0, top_k=1, refine=[(1, 0.0)],
+    idx = gpt.generate(labels, cfg_scale=0, top_k=1, refine=[(1, 0.0)], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(idx, gpt.generate(labels, cfg_scale=0, top_k=1, refine=[(1, 0.0)],
                                          generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         first = gpt(idx, labels).argmax(-1)  # the first pass of each scale sees the final earlier scales
@@ -607,6 +650,49 @@ def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(
             refined = refined_scale_logits(gpt, idx, labels, k, first[:, a:b]).argmax(-1)
             assert torch.equal(refined, idx[:, a:b]), k
     assert not torch.equal(first, idx)  # refining changed something, so the check above can fail
+
+
+def test_a_first_scale_above_1_gets_that_many_start_tokens():
+    """Scales (2, 4, 8): the first scale's 2*2 tokens all read the class embedding, plus their own position
+    and level embeddings (VAR's first_l start positions); with one start token forward and generate failed.
+    Cached greedy generation = the teacher-forced argmax, with and without refine; future scales do not
+    change past logits."""
+    cfg = replace(TINY, image_size=32, scales=(2, 4, 8))
+    torch.manual_seed(0)
+    gpt = tf.GPT(GPT_TINY, tf.TokenFlow(cfg)).eval()
+    for ada in [block.ada for block in gpt.blocks] + [gpt.head_ada]:
+        torch.nn.init.normal_(ada[1].weight, std=0.1)
+    labels = torch.tensor([0, 1, 2])
+    idx = gpt.generate(labels, cfg_scale=0, top_k=1)
+    assert idx.shape == (3, cfg.seq_len) == (3, 84) and idx.dtype == torch.long
+    changed = idx.clone()
+    changed[:, 4:20] = (changed[:, 4:20] + 1) % cfg.codebook_size  # the 4x4 scale
+    with torch.no_grad():
+        logits, after = gpt(idx, labels), gpt(changed, labels)
+    assert logits.shape == (3, 84, cfg.codebook_size)
+    assert torch.equal(logits.argmax(-1), idx)  # every position, every scale
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # the start positions differ by position
+    assert torch.allclose(after[:, :20], logits[:, :20], atol=1e-6)  # scales <= 4x4: unchanged
+    assert (after[:, 20:] - logits[:, 20:]).abs().amax(-1).min() > 1e-4  # every token of the 8x8 scale moves
+    refined = gpt.generate(labels, cfg_scale=0, top_k=1, refine=[(1, 0.0)])
+    with torch.no_grad():
+        first = gpt(refined, labels).argmax(-1)
+        for k, (a, b) in list(enumerate(scale_bounds(cfg)))[1:]:
+            assert torch.equal(refined_scale_logits(gpt, refined, labels, k, first[:, a:b]).argmax(-1), refined[:, a:b])
+    guided = gpt.generate(labels, cfg_scale=2.0, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert guided.shape == (3, 84)
+
+
+def test_kv_cache_rerun_view_reads_without_appending():
+    """Re-running the newest l tokens: they attend to the cache minus its last l entries plus their own
+    keys and values, and the cache keeps the first run."""
+    cache = tf.KVCache()
+    k1, v1, k2, v2, k3, v3 = (torch.randn(2, 3, l, 4) for l in (5, 5, 2, 2, 2, 2))
+    cache(k1, v1)
+    assert all(torch.equal(a, torch.cat(b, 2)) for a, b in zip(cache(k2, v2), ([k1, k2], [v1, v2])))
+    rerun = cache.rerun_view(2)(k3, v3)
+    assert all(torch.equal(a, torch.cat(b, 2)) for a, b in zip(rerun, ([k1, k3], [v1, v3])))
+    assert torch.equal(cache.k, torch.cat([k1, k2], 2)) and torch.equal(cache.v, torch.cat([v1, v2], 2))
 
 
 def test_sample_logits_filters():
@@ -699,6 +785,23 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     assert abs(count(enhanced) - count(enhanced.from_code) - 237_117_187) < 0.01 * 237_117_187
     toy = tf.enhanced_decoder(tf.PRESETS["toy"]["tokenizer"])  # the toy's own, doubled: not the 74.6M official one
     assert (toy.pix_dec_ch, toy.pix_dec_res_blocks) == (64, 2) and count(tf.PixelDecoder(toy)) < 4e6
+
+
+def test_enhanced_decoder_docstring_states_what_is_built():
+    """enhanced_decoder's docstring, checked against the tokenflow-b decoder built on the meta device: config
+    count 4, 5 res blocks per level (PixelDecoder builds pix_dec_res_blocks + 1, as VQGAN), its parameters."""
+    cfg = tf.enhanced_decoder(tf.PRESETS["tokenflow-b"]["tokenizer"])
+    with torch.device("meta"):
+        dec = tf.PixelDecoder(cfg)
+    per_level = [0]
+    for m in list(dec.layers)[3:]:  # after the middle ResBlock, AttnBlock, ResBlock: levels split by Upsample2x
+        if isinstance(m, tf.Upsample2x):
+            per_level.append(0)
+        per_level[-1] += isinstance(m, tf.ResBlock)
+    assert cfg.pix_dec_res_blocks == 4 and per_level == [5] * len(cfg.pix_ch_mult)
+    doc = " ".join(tf.enhanced_decoder.__doc__.split())
+    assert "pix_dec_res_blocks 4, so 5 res blocks per level" in doc
+    assert f"({sum(p.numel() for p in dec.parameters()) / 1e6:.1f}M parameters)" in doc  # 237,119,491
 
 
 @pytest.mark.parametrize("change,message", [
@@ -1859,7 +1962,7 @@ def test_bench_no_cache_sampler_gives_the_cached_samples(gpt):
     import bench
     labels = torch.tensor([0, 2, 3])  # 3: the null class
     for top_k, top_p in ((0, 0.0), (20, 0.8)):
-        ours = gpt.generate(labels, cfg=2.0, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(1))
+        ours = gpt.generate(labels, cfg_scale=2.0, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(1))
         theirs = bench.generate_no_cache(gpt, labels, 2.0, top_k, top_p, torch.Generator().manual_seed(1))
         assert torch.equal(ours, theirs)
 
@@ -1976,7 +2079,7 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     val, *generated = evaluate.main(["eval", *flags])
     assert val["split"] == "val" and np.isfinite(val["psnr"]) and 0 < val["ssim"] <= 1
     assert len(val["usage_per_scale"]) == len(val["perplexity_per_scale"]) == 5 and 0 < val["usage"] <= 1
-    assert [g["cfg"] for g in generated] == [0.0, evaluate.DEFAULT_CFG]
+    assert [g["cfg"] for g in generated] == [0.0, evaluate.DEFAULT_CFG_SCALE]
     for g in generated:  # a GPT after 2 steps is far from the real images
         assert g["images"] == 24 and g["fd_teacher"] > g["fd_teacher_real"] > 0
         assert 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1
@@ -2098,19 +2201,20 @@ def test_sampling_never_gives_nan(gpt):
     """Issue 15, fault 5: a temperature too small to divide by samples greedily, and guidance or
     temperatures of any finite size (or infinite logits) never make the sampler fail."""
     labels = torch.tensor([0, 1, 2])
-    greedy = gpt.generate(labels, cfg=0, top_k=1)
+    greedy = gpt.generate(labels, cfg_scale=0, top_k=1)
     for t in (1e-40, 1e-50, 0.0):
-        assert torch.equal(gpt.generate(labels, cfg=0, temperature=t), greedy), t
+        assert torch.equal(gpt.generate(labels, cfg_scale=0, temperature=t), greedy), t
     g = torch.Generator().manual_seed(0)
-    for cfg, t in ((1e30, 1.0), (3e38, 1e30), (3e38, 1e-30)):
-        idx = gpt.generate(labels, cfg=cfg, cfg_schedule="constant", temperature=t, top_p=0.9, generator=g)
+    for cfg_scale, t in ((1e30, 1.0), (3e38, 1e30), (3e38, 1e-30)):
+        idx = gpt.generate(labels, cfg_scale=cfg_scale, cfg_schedule="constant", temperature=t, top_p=0.9, generator=g)
         assert idx.min() >= 0 and idx.max() < TINY.codebook_size
     inf = float("inf")
     logits = torch.tensor([[inf, 0.0, -inf, inf], [-inf, -inf, -inf, -inf], [3e38, -3e38, 0.0, 1.0]])
     for t in (1.0, 1e-30, 1e30):
         assert tf.sample_logits(logits, temperature=t, generator=g).shape == (3,)
-    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(cfg=float("nan")), dict(cfg=float("inf"))):
-        with pytest.raises(ValueError, match="cfg must be a finite number and temperature"):
+    for bad in (dict(temperature=float("nan")), dict(temperature=-1.0), dict(cfg_scale=float("nan")),
+                dict(cfg_scale=float("inf"))):
+        with pytest.raises(ValueError, match="cfg_scale must be a finite number and temperature"):
             gpt.generate(labels, **bad)
 
 

@@ -1,25 +1,24 @@
 """
-TokenFlow, minimal: an image tokenizer whose one grid of indices serves both understanding
-(semantic codes) and generation (pixel codes). All model code lives in this file, in the
-order data flows through it; files (CLIP's weights, checkpoints) are read and written by
-data/weights.py and data/checkpoints.py.
+TokenFlow, minimal: an image tokenizer whose one grid of indices serves both understanding (semantic
+codes) and generation (pixel codes), and a GPT that generates those indices. All model code lives in
+this file, in the order data flows through it; weights and checkpoints are read and written outside it.
 
 Notable choices
-- Two encoders: a ViT initialised from a teacher (CLIP for TokenFlow-B, a toy ViT trained on
-  the toy data here) for semantics, and a VQGAN-style CNN for pixels. Both end on the same grid.
-- Dual codebook, one shared index: two l2-normalised tables of the same size K, 32-d semantic
-  and 8-d pixel. A code is chosen by argmin d_sem + w * d_pix, and both tables are looked up
-  with that one index (TokenFlow, Sec. 3.2, "shared mapping").
-- Multi-scale residual quantization as in VAR: the residual is quantized at growing scales
-  1x1 ... nxn, each scale's codes are upsampled and summed; a token sequence is all scales'
-  indices, coarse to fine.
-- Two decoders: a small ViT maps the semantic half back to teacher features (cosine loss),
-  a VQGAN-style CNN maps the pixel half back to the image (L2; LPIPS and a PatchGAN, in the
-  Losses section, join in the real-scale recipe).
-- A GPT generates the shared ids scale by scale (VAR's next-scale prediction): every token of
-  scale k is predicted at once from the cumulative codes of scales < k, under block-causal
-  attention; sampling runs one forward per scale through a KV cache, with classifier-free
-  guidance and TokenFlow's multi-step refinement.
+- Two encoders: a ViT initialised from a teacher (CLIP for TokenFlow-B, a toy ViT trained on the toy
+  data here) for semantics, and a VQGAN-style CNN for pixels. Both end on the same grid.
+- Dual codebook, one shared index: two l2-normalised tables of the same size K, 32-d semantic and 8-d
+  pixel. A code is chosen by argmin d_sem + w * d_pix, and both tables are looked up with that one
+  index (TokenFlow, Sec. 3.2, "shared mapping").
+- Multi-scale residual quantization as in VAR: the residual is quantized at growing scales 1x1 ... nxn,
+  each scale's codes are upsampled and summed; a token sequence is all scales' indices, coarse to fine.
+- Two decoders: a small ViT maps the semantic half back to teacher features (cosine loss), a VQGAN-style
+  CNN maps the pixel half back to the image (L2; LPIPS and a PatchGAN, in the Losses section, join in
+  the real-scale recipe).
+- A GPT generates the shared ids scale by scale (VAR's next-scale prediction): all tokens of scale k at
+  once from the cumulative codes of scales < k, under block-causal attention; sampling runs one forward
+  per scale through a KV cache, with classifier-free guidance and TokenFlow's multi-step refinement.
+- Each idea is written in its plain form where it is used; the faster equivalents the code runs
+  sit in the last section, Speed variants, each tested equal to its plain form.
 
 Shape letters: B batch, C channels (of a code: sem_dim + pix_dim), H W image side, n token grid
 side, s side of one scale, l = s*s tokens of one scale, L = sum of s*s over scales, N rows fed to
@@ -33,6 +32,7 @@ References
 5) CLIP, Radford et al. 2021: https://arxiv.org/abs/2103.00020 (the ViT layout below follows it)
 6) Classifier-free guidance, Ho & Salimans 2022: https://arxiv.org/abs/2207.12598 ;
    nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
+7) DiT (adaLN), Peebles & Xie 2023: https://arxiv.org/abs/2212.09748
 """
 
 import math
@@ -43,7 +43,115 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------
-# Config
+# Building blocks: CNN parts (VQGAN / LlamaGen) and transformer parts (CLIP-style ViT)
+
+
+def group_norm(ch):
+    return nn.GroupNorm(32, ch, eps=1e-6)  # VQGAN's Normalize; on CUDA channels_last() swaps in a faster one
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of a feature map."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x_BChw):
+        B, C, h, w = x_BChw.shape
+        qkv = self.qkv(self.norm(x_BChw)).reshape(B, 3, C, h * w).transpose(-1, -2)  # (B, 3, hw, C)
+        y = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, hw, C)
+        return x_BChw + self.proj(y.transpose(1, 2).reshape(B, C, h, w))
+
+
+class Downsample2x(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as VQGAN: H -> H/2
+
+
+class Upsample2x(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # H -> 2H
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with CLIP's fused in-projection; an optional boolean mask (True = may attend)
+    and an optional cache (KVCache, beside the GPT): new keys and values in, all those to attend to out."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BND, mask=None, cache=None):
+        B, N, D = x_BND.shape
+        q, k, v = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache(k, v)  # (B, heads, N_cached + N, D/heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, D/heads)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):  # CLIP's GELU approximation; its weights were trained with it
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, heads, quick_gelu=False):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), QuickGELU() if quick_gelu else nn.GELU(),
+                                 nn.Linear(4 * dim, dim))
+
+    def forward(self, x, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def mlp_head(d_in, d_out):
+    """Linear-Tanh-Linear, TokenFlow's task layer between a ViT and a code or teacher space."""
+    return nn.Sequential(nn.Linear(d_in, d_in), nn.Tanh(), nn.Linear(d_in, d_out))
+
+
+def init_weights(module):
+    """ViT-style init for the transformer parts (the CNNs keep PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer's config, then its pixel encoder and decoder (VQGAN / LlamaGen layout)
 
 
 @dataclass
@@ -65,7 +173,7 @@ class TokenizerConfig:
     pix_res_blocks: int = 2  # res blocks per encoder level
     z_channels: int = 256  # CNN width at the grid, before the 1x1 conv down to pix_dim
     pix_dec_ch: int = 128  # decoder base channels (the official "enhanced decoder": 256)
-    pix_dec_res_blocks: int = 2  # the decoder has this + 1 res blocks per level, as VQGAN (enhanced: 4)
+    pix_dec_res_blocks: int = 2  # decoder res blocks per level: this + 1, as VQGAN (enhanced: 4, so 5)
     # dual codebook with one shared index
     codebook_size: int = 32768  # K entries in each of the two tables
     sem_dim: int = 32  # semantic code width; 0: no semantic half (VQGAN-style, train.py --codebook pixel)
@@ -109,190 +217,6 @@ class TokenizerConfig:
         return sum(s * s for s in self.scales)
 
 
-def config_diff(a, b, keys=None):
-    """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
-    return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys or asdict(a) if getattr(a, k) != getattr(b, k)]
-
-
-def config_from_dict(cls, d):
-    """Rebuild a config dataclass from a checkpoint's plain dict, naming any unknown field."""
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"config has fields {sorted(unknown)} that {cls.__name__} does not know; "
-                         "the checkpoint comes from another version of this code")
-    return cls(**d)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks: CNN parts (VQGAN / LlamaGen) and transformer parts (CLIP-style ViT)
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that on CUDA keeps its input's memory layout and dtype: statistics in fp32, output in
-    the input's dtype (as timm's fast_norm under autocast). PyTorch's CUDA kernel returns channels_last
-    input as contiguous (pytorch/pytorch#111824) and autocast runs it in fp32: a layout transform and two
-    casts around every norm of a channels_last bf16 CNN. The CPU kernel keeps the layout and runs as is."""
-
-    def forward(self, x):
-        return self.layout_kept(x) if x.is_cuda else super().forward(x)
-
-    def layout_kept(self, x_BChw):
-        x = x_BChw.unflatten(1, (self.num_groups, -1))  # (B, G, C/G, h, w): a view in either layout
-        var, mean = torch.var_mean(x.float(), dim=(2, 3, 4), correction=0, keepdim=True)  # (B, G, 1, 1, 1)
-        scale = (var + self.eps).rsqrt() * self.weight.view(self.num_groups, -1, 1, 1)  # (B, G, C/G, 1, 1)
-        shift = self.bias.view(self.num_groups, -1, 1, 1) - mean * scale
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).flatten(1, 2)  # x * scale + shift, x's layout
-
-
-def group_norm(ch):
-    return GroupNorm(32, ch, eps=1e-6)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions of a feature map."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
-
-    def forward(self, x_BChw):
-        B, C, h, w = x_BChw.shape
-        qkv = self.qkv(self.norm(x_BChw)).reshape(B, 3, C, h * w).transpose(-1, -2)  # (B, 3, hw, C)
-        y = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, hw, C)
-        return x_BChw + self.proj(y.transpose(1, 2).reshape(B, C, h, w))
-
-
-class Downsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as VQGAN: H -> H/2
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class KVCache:
-    """Keys and values of one attention layer for the tokens run so far (GPT sampling only).
-    rerun = True runs the newest l tokens again with other inputs: they attend to the cache
-    without its last l entries, and the cache keeps the first run."""
-
-    def __init__(self):
-        self.k = self.v = None
-        self.rerun = False
-
-    def __call__(self, k, v):  # new tokens' (B, heads, l, d) -> keys and values they attend to
-        if self.rerun:
-            l = k.shape[2]
-            return torch.cat([self.k[:, :, :-l], k], dim=2), torch.cat([self.v[:, :, :-l], v], dim=2)
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with CLIP's fused in-projection; an optional boolean mask
-    (True = may attend) and an optional KVCache that prepends earlier tokens' keys and values."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x_BND, mask=None, cache=None):
-        B, N, D = x_BND.shape
-        q, k, v = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            k, v = cache(k, v)  # (B, heads, N_cached + N, D/heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, D/heads)
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):  # CLIP's GELU approximation; its weights were trained with it
-        return x * torch.sigmoid(1.702 * x)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, dim, heads, quick_gelu=False):
-        super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), QuickGELU() if quick_gelu else nn.GELU(),
-                                 nn.Linear(4 * dim, dim))
-
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class AdaLNBlock(nn.Module):
-    """A pre-norm block whose LayerNorms take their scale and shift, and whose two branches their
-    gate, from a condition vector (B, D): VAR's AdaLN conditioning on the class embedding (DiT's
-    adaLN). The condition's projection starts at zero, so a new block is a plain pre-norm block."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.ln = nn.LayerNorm(dim, elementwise_affine=False)
-        self.attn = Attention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.zero_condition()
-
-    def zero_condition(self):
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
-
-    def forward(self, x_BlD, cond_BD, mask=None, cache=None):
-        gate1, gate2, scale1, scale2, shift1, shift2 = self.ada(cond_BD)[:, None].chunk(6, dim=-1)  # (B, 1, D) each
-        x = x_BlD + (1 + gate1) * self.attn(self.ln(x_BlD) * (1 + scale1) + shift1, mask, cache)
-        return x + (1 + gate2) * self.mlp(self.ln(x) * (1 + scale2) + shift2)
-
-
-def mlp_head(d_in, d_out):
-    """Linear-Tanh-Linear, TokenFlow's task layer between a ViT and a code or teacher space."""
-    return nn.Sequential(nn.Linear(d_in, d_in), nn.Tanh(), nn.Linear(d_in, d_out))
-
-
-def init_weights(module):
-    """ViT-style init for the transformer parts (the CNNs keep PyTorch's default)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pixel encoder and decoder (VQGAN / LlamaGen layout)
-
-
 class PixelEncoder(nn.Module):
     """(B, 3, H, W) in [-1, 1] -> (B, pix_dim, n, n), n = H / 2^(levels - 1)."""
 
@@ -306,7 +230,7 @@ class PixelEncoder(nn.Module):
             for _ in range(cfg.pix_res_blocks):
                 layers += [ResBlock(c, c_out)] + ([AttnBlock(c_out)] if i == last else [])
                 c = c_out
-            layers += [Downsample(c)] if i != last else []
+            layers += [Downsample2x(c)] if i != last else []
         layers += [ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]  # 2. middle
         self.layers = nn.Sequential(*layers)
         self.norm_out = group_norm(c)
@@ -333,7 +257,7 @@ class PixelDecoder(nn.Module):
             for _ in range(cfg.pix_dec_res_blocks + 1):
                 layers += [ResBlock(c, c_out)] + ([AttnBlock(c_out)] if i == 0 else [])
                 c = c_out
-            layers += [Upsample(c)] if i != len(chs) - 1 else []
+            layers += [Upsample2x(c)] if i != len(chs) - 1 else []
         self.layers = nn.Sequential(*layers)
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
@@ -429,27 +353,20 @@ class DualCodebook(nn.Module):
         """idx (...) long -> unit codes (..., sem_dim + pix_dim); only the rows used are normalised."""
         return torch.cat([F.normalize(self.sem[idx], dim=-1), F.normalize(self.pix[idx], dim=-1)], -1)
 
-    def nearest(self, z_sem, z_pix, max_scores=None):
-        """z_sem (N, sem_dim), z_pix (N, pix_dim), any scale -> idx (N,) long: argmin d_sem + w*d_pix."""
-        return self.search(F.normalize(z_sem, dim=1), F.normalize(z_pix, dim=1), max_scores)
-
     @torch.no_grad()
-    def search(self, u_sem, u_pix, max_scores=None):
-        """nearest() for inputs already l2-normalised. Scores are fp32, computed for row chunks of at
-        most max_scores floats (math.inf: all rows at once): no N x K one-hot, no full distance matrix.
-        Default: 2**22 (16 MB) on a CPU, where a chunk that stays in cache is fastest; 2**28 (1 GiB) on
-        a GPU, where every chunk costs launches and one matmul of all rows is fastest."""
-        with torch.autocast(u_sem.device.type, enabled=False):  # autocast would run the matmul in bf16
-            z = torch.cat([u_sem.float(), self.pix_weight * u_pix.float()], 1)  # (N, C)
+    def nearest(self, z_sem, z_pix):
+        """z_sem (N, sem_dim), z_pix (N, pix_dim), any norm -> idx (N,) long, argmin d_sem + w*d_pix of the unit
+        vectors; fp32 scores (bf16 would move the argmin), all N x K at once (the quantizer chunks the rows)."""
+        with torch.autocast(z_sem.device.type, enabled=False):
+            z = torch.cat([F.normalize(z_sem.float(), dim=1), self.pix_weight * F.normalize(z_pix.float(), dim=1)], 1)
             e = torch.cat([F.normalize(self.sem.float(), dim=1), F.normalize(self.pix.float(), dim=1)], 1)  # (K, C)
-            rows = int(min(len(z), (max_scores or (2**22 if z.is_cpu else 2**28)) // len(e)))
-            return torch.cat([(zc @ e.T).argmax(1) for zc in z.split(max(1, rows))])  # (N,)
+            return (z @ e.T).argmax(1)  # (N,)
 
     def forward(self, z_NC):
         """z (N, sem_dim + pix_dim), not normalised -> q (N, C) straight-through, idx (N,), stats."""
-        sem_dim = self.sem.shape[1]
+        K, sem_dim = self.sem.shape
         z = torch.cat([F.normalize(z_NC[:, :sem_dim], dim=1), F.normalize(z_NC[:, sem_dim:], dim=1)], 1)
-        idx = self.search(z[:, :sem_dim], z[:, sem_dim:])
+        idx = in_row_chunks(self.nearest, score_rows(z_NC.device, K), z_NC[:, :sem_dim], z_NC[:, sem_dim:])
         q = self.lookup(idx).to(z.dtype)  # (N, C)
         # codebook term pulls codes to the encoder, commitment term (x beta) the encoder to codes
         vq = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())  # VQ-VAE, eq. 3
@@ -474,24 +391,17 @@ def psnr(x, y):
 # The tokenizer: two encoders, multi-scale residual quantization, two decoders
 
 
-BICUBIC = {}  # (s, n, device, dtype) -> the (n, s) matrix of upsample
-
-
 def upsample(x_BCss, n):
-    """One scale's codes to the full n x n grid, bicubic as VAR and TokenFlow: F.interpolate(x, size=(n, n),
-    mode="bicubic") (align_corners False, no antialias) is linear and separable, so it is A x A^T with
-    A (n, s) read off an identity. The same numbers; its backward is two matmuls, not the CUDA kernel's
-    atomic adds, which serialise where many outputs share few inputs (the small scales)."""
-    s = x_BCss.shape[-1]
-    if s == n:
-        return x_BCss
-    key = (s, n, x_BCss.device, x_BCss.dtype)
-    if key not in BICUBIC:
-        eye = torch.eye(s, dtype=torch.float64).view(1, s, s, 1)  # channel k: a unit impulse at row k
-        BICUBIC[key] = F.interpolate(eye, size=(n, 1), mode="bicubic")[0, :, :, 0].T.to(x_BCss.device, x_BCss.dtype)
-    A = BICUBIC[key]
-    with torch.autocast(x_BCss.device.type, enabled=False):  # x's dtype; autocast would make fp32 codes bf16
-        return A @ x_BCss @ A.T  # (B, C, n, n)
+    """One scale's codes (B, C, s, s) -> the full grid (B, C, n, n), bicubic as VAR and TokenFlow. On every
+    device it runs as upsample_matmul (Speed variants), the same numbers as two small matmuls: forward +
+    backward measured 3x faster on a CPU, and on CUDA free of the bicubic backward's atomic adds."""
+    return upsample_matmul(x_BCss, n)  # = F.interpolate(x_BCss, size=(n, n), mode="bicubic")
+
+
+def add_scale(f_hat_BCnn, q_BCss):
+    """The running sum of upsampled codes, one scale further: f_hat (B, C, n, n) + q (B, C, s, s)
+    upsampled to n x n. The quantizer builds f_hat with it and the GPT reads the same sums."""
+    return f_hat_BCnn + upsample(q_BCss, f_hat_BCnn.shape[-1])
 
 
 class TokenFlow(nn.Module):
@@ -542,17 +452,16 @@ class TokenFlow(nn.Module):
         return scales
 
     def quantize(self, z_BCnn, scales):
-        """Multi-scale residual VQ (VAR, Alg. 1) -> f_hat (B, C, n, n), ids per scale [(B, s*s)], stats.
-        As in the official code each scale normalises its own residual, so f_hat is a sum of unit
-        codes (upsampled), not an approximation of z itself."""
-        B, C, n, _ = z_BCnn.shape
+        """Multi-scale residual VQ (VAR, Alg. 1): z (B, C, n, n) -> f_hat (B, C, n, n), ids per scale
+        [(B, s*s)], stats. As in the official code each scale normalises its own residual, so f_hat is
+        a sum of unit codes (upsampled), not an approximation of z itself."""
+        B, C = z_BCnn.shape[:2]
         residual, f_hat, idx_Bl, stats = z_BCnn, torch.zeros_like(z_BCnn), [], []
         for s in scales:
             r_NC = F.interpolate(residual, size=(s, s), mode="area").permute(0, 2, 3, 1).reshape(-1, C)
             q_NC, idx_N, st = self.codebook(r_NC)
-            q_BCnn = upsample(q_NC.view(B, s, s, C).permute(0, 3, 1, 2), n)
-            f_hat = f_hat + q_BCnn
-            residual = residual - q_BCnn.detach()  # later scales model what is left
+            f_hat = add_scale(f_hat, q_NC.view(B, s, s, C).permute(0, 3, 1, 2))
+            residual = z_BCnn - f_hat.detach()  # later scales model what is left
             idx_Bl.append(idx_N.view(B, s * s))
             stats.append(st)
         stats = {k: torch.stack([st[k] for st in stats]).mean() for k in stats[0]}  # mean over scales
@@ -564,17 +473,16 @@ class TokenFlow(nn.Module):
 
     def indices_to_features(self, idx_BL):
         """(B, L) ids of all scales -> f_hat (B, C, n, n), the same sum the quantizer builds."""
-        if idx_BL.ndim != 2 or idx_BL.shape[1] != self.cfg.seq_len:
-            raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {self.cfg.seq_len}) "
-                             f"for scales {self.cfg.scales}")
-        if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= self.cfg.codebook_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.codebook_size}), the codebook size; got "
+        cfg = self.cfg
+        if idx_BL.ndim != 2 or idx_BL.shape[1] != cfg.seq_len:
+            raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {cfg.seq_len}) "
+                             f"for scales {cfg.scales}")
+        if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= cfg.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.codebook_size}), the codebook size; got "
                              f"[{idx_BL.min().item()}, {idx_BL.max().item()}]")
-        n, f_hat, start = self.cfg.grid, 0, 0
-        for s in self.cfg.scales:
-            q_BlC = self.codebook.lookup(idx_BL[:, start:start + s * s])
-            f_hat = f_hat + upsample(q_BlC.transpose(1, 2).unflatten(2, (s, s)), n)
-            start += s * s
+        f_hat = self.codebook.sem.new_zeros(len(idx_BL), cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid)
+        for s, idx_Bl in zip(cfg.scales, idx_BL.split([s * s for s in cfg.scales], dim=1)):
+            f_hat = add_scale(f_hat, self.codebook.lookup(idx_Bl).transpose(1, 2).unflatten(2, (s, s)))
         return f_hat
 
     def pixel_half(self, f_hat_BCnn):
@@ -618,8 +526,7 @@ class TokenFlow(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The generator: a GPT that predicts every token of the next scale at once (VAR's next-scale
-# prediction), over the tokenizer's shared ids
+# The generator: a GPT over the shared ids, every token of the next scale at once (VAR)
 
 
 @dataclass
@@ -636,12 +543,58 @@ class GPTConfig:
                              f"and num_classes ({self.num_classes}) at least 1")
 
 
+class KVCache:
+    """Keys and values of one attention layer for the tokens run so far (GPT sampling only). Called
+    with the new tokens' keys and values (B, heads, l, d), it appends them and returns all of them."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __call__(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v  # (B, heads, tokens so far, d)
+
+    def rerun_view(self, l):
+        """A read-only view for running the newest l tokens again with other inputs (multi-step sampling):
+        they attend to this cache minus its last l entries; nothing is appended, the cache keeps the first run."""
+        def attend(k, v):  # (B, heads, l, d) -> keys and values the re-run tokens attend to
+            return torch.cat([self.k[:, :, :-l], k], dim=2), torch.cat([self.v[:, :, :-l], v], dim=2)
+        return attend
+
+
+class AdaLNBlock(nn.Module):
+    """A pre-norm block conditioned on a vector c (B, D), after VAR's AdaLNSelfAttn and DiT's adaLN.
+    One linear map of SiLU(c) gives six (B, D) vectors gate1, gate2, scale1, scale2, shift1, shift2 (VAR's
+    order); with LN a LayerNorm without affine parameters, the block computes
+        x = x + (1 + gate1) * attn(LN(x) * (1 + scale1) + shift1)
+        x = x + (1 + gate2) * mlp(LN(x) * (1 + scale2) + shift2)
+    VAR and DiT multiply each branch by gate, not 1 + gate (DiT zero-inits the map, so a new block is
+    the identity). Here the map starts at zero too, so a new block is a plain pre-norm block."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.zero_condition()
+
+    def zero_condition(self):
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x_BlD, cond_BD, mask=None, cache=None):
+        gate1, gate2, scale1, scale2, shift1, shift2 = self.ada(cond_BD)[:, None].chunk(6, dim=-1)  # (B, 1, D) each
+        x = x_BlD + (1 + gate1) * self.attn(self.ln(x_BlD) * (1 + scale1) + shift1, mask, cache)
+        return x + (1 + gate2) * self.mlp(self.ln(x) * (1 + scale2) + shift2)
+
+
 def sample_logits(logits_NK, temperature=1.0, top_k=0, top_p=0.0, generator=None):
-    """One id per row of logits (N, K) -> (N,). top_k > 0 keeps the k most likely ids; 0 < top_p < 1
-    then keeps the smallest set of them whose probability reaches top_p (nucleus sampling, Holtzman
-    et al. 2019); 0 turns either filter off. Filtering the top-k first avoids sorting all K ids.
-    A temperature too small to divide by (below float32's smallest normal number, 0 included) picks
-    the most likely id, the limit of T -> 0; finite or infinite logits never give NaN."""
+    """One id per row of logits (N, K) -> (N,). top_k > 0 keeps the k most likely ids, then 0 < top_p < 1 the
+    smallest set of them whose probability reaches top_p (nucleus sampling, Holtzman et al. 2019); 0 turns
+    either off. Filtering the top-k first avoids sorting all K ids. A temperature below float32's smallest
+    normal number (0 included) picks the most likely id, the limit T -> 0; no logits, finite or not, give NaN."""
     big = torch.finfo(torch.float32).max
     logits = logits_NK.float().clamp(-big, big)  # an infinite logit (huge guidance) stays the largest
     ids = None  # positions in the (filtered, sorted) logits map back to ids through this
@@ -660,15 +613,15 @@ def sample_logits(logits_NK, temperature=1.0, top_k=0, top_p=0.0, generator=None
 
 
 class GPT(nn.Module):
-    """Class-conditional next-scale prediction (VAR, Sec. 3) over a tokenizer's shared ids.
-    The tokens of scale k read the cumulative quantized feature after scale k-1 (scale 1 reads the
-    class embedding) and all of them are predicted at once; scale k attends to scales <= k. The
-    class embedding also conditions every block and the norm before the head by AdaLN, as VAR does.
-    Built from a trained tokenizer, whose unit codes it keeps as a frozen, unsaved buffer."""
+    """Class-conditional next-scale prediction (VAR, Sec. 3) over a tokenizer's shared ids. The tokens
+    of scale k read the cumulative quantized feature after scale k-1 (the first scale's s*s tokens read
+    the class embedding: VAR's start positions) and are predicted at once; scale k attends to scales
+    <= k. The class embedding also conditions every block and the norm before the head by AdaLN, as
+    VAR does. Built from a trained tokenizer, whose unit codes it keeps as a frozen, unsaved buffer."""
 
     def __init__(self, cfg, tokenizer):
         super().__init__()
-        self.cfg, self.tokenizer_cfg = cfg, tokenizer.cfg
+        self.cfg = cfg
         scales, D, K = tokenizer.cfg.scales, cfg.width, tokenizer.cfg.codebook_size
         # 0. the tokenizer's side: unit codes [e_sem, e_pix] (K, C), scales, grid side
         codes = tokenizer.codebook.lookup(torch.arange(K, device=tokenizer.codebook.sem.device))
@@ -677,7 +630,7 @@ class GPT(nn.Module):
         level = torch.cat([torch.full((s * s,), si) for si, s in enumerate(scales)])  # (L,) scale of each position
         self.register_buffer("level", level, persistent=False)
         self.register_buffer("mask", level[None, :] <= level[:, None], persistent=False)  # (L, L) block-causal
-        # 1. inputs: class embedding (start token), projected codes, position and level embeddings
+        # 1. inputs: class embedding (start tokens), projected codes, position and level embeddings
         self.class_emb = nn.Embedding(cfg.num_classes + 1, D)
         self.word_embed = nn.Linear(codes.shape[1], D)
         self.pos_embed = nn.Parameter(torch.randn(len(level), D) * 0.02)
@@ -708,6 +661,10 @@ class GPT(nn.Module):
     def scale_codes(self, idx_Bl, s):
         return self.codes[idx_Bl].transpose(1, 2).unflatten(2, (s, s))  # (B, C, s, s)
 
+    def start_tokens(self, cond_BD):
+        """The first scale's input: the class embedding on each of its s*s positions (VAR) -> (B, s*s, D)."""
+        return cond_BD[:, None].expand(-1, self.scales[0] ** 2, -1)
+
     def next_input(self, f_hat_BCnn, s):
         """The cumulative feature, area-resized to the next scale's s x s tokens (VAR) -> (B, s*s, D)."""
         return self.word_embed(F.interpolate(f_hat_BCnn, size=(s, s), mode="area").flatten(2).transpose(1, 2))
@@ -728,19 +685,19 @@ class GPT(nn.Module):
         if self.training and self.cfg.class_drop > 0:
             drop = torch.rand(B, device=labels_B.device) < self.cfg.class_drop
             labels_B = torch.where(drop, self.cfg.num_classes, labels_B)
-        # 1. inputs: the start token, then for each next scale the sum of the codes so far
-        cond = self.class_emb(labels_B)
-        x, f_hat, start = [cond[:, None]], 0, 0  # (B, 1, D) for scale 1
-        for s, s_next in zip(self.scales[:-1], self.scales[1:]):
-            f_hat = f_hat + upsample(self.scale_codes(idx_BL[:, start:start + s * s], s), n)  # as the tokenizer
+        # 1. inputs: the start tokens, then for each next scale the sum of the codes so far
+        cond = self.class_emb(labels_B)  # (B, D)
+        x, f_hat = [self.start_tokens(cond)], self.codes.new_zeros(B, self.codes.shape[1], n, n)
+        idx_per_scale = idx_BL.split([s * s for s in self.scales], dim=1)
+        for s, s_next, idx_Bl in zip(self.scales, self.scales[1:], idx_per_scale):
+            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))  # as the tokenizer builds it
             x.append(self.next_input(f_hat, s_next))
-            start += s * s
         x = self.embed(torch.cat(x, dim=1), 0)  # (B, L, D)
         return self.transformer(x, cond, mask=self.mask)  # 2. block-causal transformer, 3. logits
 
     def transformer(self, x_BlD, cond_BD, mask=None, caches=None):
         """Embedded inputs (B, l, D) through the blocks, each conditioned on cond (B, D) by AdaLN and,
-        when sampling, attending to its KV cache too -> logits (B, l, K)."""
+        when sampling, attending through its cache too -> logits (B, l, K)."""
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x_BlD = block(x_BlD, cond_BD, mask, cache)
         scale, shift = self.head_ada(cond_BD)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
@@ -748,11 +705,10 @@ class GPT(nn.Module):
 
     # -- sampling
 
-    def scale_logits(self, x_BlD, cond, start, caches, t, rerun=False):
-        """One scale's inputs through the blocks, attending to the cache -> logits (B*l, K); the
-        batch holds conditional then unconditional rows when t is not None: CFG with weight t."""
-        for cache in caches:
-            cache.rerun = rerun
+    def scale_logits(self, x_BlD, cond, start, caches, t):
+        """One scale's inputs (B, l, D) at positions start .. start + l through the blocks, each
+        attending through its cache (a KVCache, or a rerun_view of one) -> logits (B*l, K); the batch
+        holds conditional then unconditional rows when t is not None: CFG with weight t."""
         logits = self.transformer(self.embed(x_BlD, start), cond, caches=caches).float()  # (B or 2B, l, K)
         if t is not None:
             cond, uncond = logits.chunk(2)
@@ -760,40 +716,40 @@ class GPT(nn.Module):
         return logits.flatten(0, 1)
 
     @torch.no_grad()
-    def generate(self, labels, cfg=3.0, cfg_schedule="linear", temperature=1.0, top_k=0, top_p=0.0,
+    def generate(self, labels, cfg_scale=3.0, cfg_schedule="linear", temperature=1.0, top_k=0, top_p=0.0,
                  generator=None, refine=None):
         """Class labels (B,) long -> ids (B, L), one forward of each scale's tokens through a KV cache.
-        cfg: classifier-free guidance weight t_max, logits = (1 + t) cond - t uncond with t = cfg * k / (S - 1)
-          at scale k = 0 .. S-1 ('linear', the official schedule) or t = cfg ('constant'); cfg = 0 samples
-          from the conditional logits in a single pass of B, otherwise one batched pass of 2B.
+        cfg_scale: classifier-free guidance weight t_max: logits = (1 + t) cond - t uncond, t = cfg_scale
+          * k / (S - 1) at scale k = 0 .. S-1 ('linear', the official schedule) or cfg_scale ('constant');
+          0 samples the conditional logits in one pass of B, otherwise one batched pass of 2B.
         temperature, top_k, top_p: see sample_logits. generator: a seeded torch.Generator.
-        refine: TokenFlow's multi-step sampling, a list of (top_k, top_p) pairs. After each scale but the
-          first is sampled, it is predicted again with its own sample fed in (the cumulative feature
-          including it) and resampled, once per pair. The paper uses top_k, top_p = 1200, 0.8 and refine
-          [(100, 0.8), (1, 0.0)]. The cache keeps the first pass, so later scales see the same
-          inputs as in training."""
+        refine: TokenFlow's multi-step sampling, (top_k, top_p) pairs: each scale but the first is
+          predicted again with its own sample fed in (the cumulative feature including it) and
+          resampled, once per pair (paper: top_k, top_p = 1200, 0.8, refine [(100, 0.8), (1, 0.0)]).
+          The cache keeps the first pass, so later scales see the same inputs as in training."""
         self.check_inputs(labels)
-        if not (math.isfinite(cfg) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"cfg must be a finite number and temperature a finite number >= 0 (0: greedy); "
-                             f"got cfg {cfg}, temperature {temperature}")
+        if not (math.isfinite(cfg_scale) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"cfg_scale must be a finite number and temperature a finite number >= 0 (0: greedy); "
+                             f"got cfg_scale {cfg_scale}, temperature {temperature}")
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         B, S, n = len(labels), len(self.scales), self.grid
-        guided = cfg != 0
+        guided = cfg_scale != 0
         rows = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
         double = (lambda x: x.repeat(2, 1, 1)) if guided else (lambda x: x)  # same inputs for both halves
         caches = [KVCache() for _ in self.blocks]
-        cond = self.class_emb(rows)
-        x, f_hat, start, out = cond[:, None], self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
+        cond = self.class_emb(rows)  # (B or 2B, D)
+        x, f_hat, start, out = self.start_tokens(cond), self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
         for si, s in enumerate(self.scales):
-            t = (cfg * si / max(1, S - 1) if cfg_schedule == "linear" else cfg) if guided else None
+            t = (cfg_scale * si / max(1, S - 1) if cfg_schedule == "linear" else cfg_scale) if guided else None
             idx_Bl = sample_logits(self.scale_logits(x, cond, start, caches, t), temperature, top_k, top_p,
                                    generator).view(B, s * s)
             for k_r, p_r in (refine or []) if si > 0 else []:  # multi-step sampling: re-predict this scale
-                x_r = double(self.next_input(f_hat + upsample(self.scale_codes(idx_Bl, s), n), s))
-                logits = self.scale_logits(x_r, cond, start, caches, t, rerun=True)
+                x_r = double(self.next_input(add_scale(f_hat, self.scale_codes(idx_Bl, s)), s))
+                reruns = [cache.rerun_view(s * s) for cache in caches]  # the first pass's context, kept
+                logits = self.scale_logits(x_r, cond, start, reruns, t)
                 idx_Bl = sample_logits(logits, temperature, k_r, p_r, generator).view(B, s * s)
-            f_hat = f_hat + upsample(self.scale_codes(idx_Bl, s), n)
+            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
             out.append(idx_Bl)
             start += s * s
             if si + 1 < S:
@@ -805,20 +761,17 @@ def gpt_loss(logits_BLK, idx_BL):
     """Next-scale prediction's loss: cross-entropy of every token given the scales before it."""
     return F.cross_entropy(logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
 
-
 # ---------------------------------------------------------------------------------------------
 # The judge: the classifier that scores generated images on a labelled toy dataset
 
 
 class Judge(nn.Module):
     """A small VGG-style CNN (3x3 conv, BatchNorm, ReLU; three 2x max-pools; global average pool;
-    linear). The toy teacher misreads about half of the tokenizer's reconstructions of held-out
-    shapes, which a person reads at a glance, so a generator cannot be scored through it; train.py
-    --stage judge trains this one on training images and their reconstructions, so that it reads
-    what the decoder can draw. none_class adds an output for "none of the classes" (trained on
-    shapes' blobs), so that an amorphous sample is not read as the nearest class. Images (B, 3, H, W)
-    in [-1, 1] -> logits (B, num_classes + none_class); features() -> the pooled (B, 4 * width)
-    vector that FD-judge compares."""
+    linear) that reads what the decoder can draw: train.py --stage judge trains it on training images
+    and their reconstructions (the toy teacher misreads half of those, which a person reads at a
+    glance). none_class adds a "none of the classes" output (trained on shapes' blobs), so that an
+    amorphous sample is not read as the nearest class. Images (B, 3, H, W) in [-1, 1] -> logits
+    (B, num_classes + none_class); features() -> the pooled (B, 4 * width) vector FD-judge compares."""
 
     def __init__(self, num_classes, none_class=False, width=16):
         super().__init__()
@@ -844,8 +797,8 @@ class Judge(nn.Module):
 class LPIPS(nn.Module):
     """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
     features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
-    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,).
-    Weights: data/weights.py load_lpips."""
+    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,); weights:
+    load_lpips, beside the CLIP loader."""
 
     def __init__(self):
         super().__init__()
@@ -902,13 +855,14 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets
+# Presets, and configs read back from checkpoints
 
 
 def enhanced_decoder(cfg):
     """TokenFlow's enhanced pixel decoder, defined relative to the base one: "double both the number
-    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and 4 res
-    blocks per level, the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
+    of residual layers and channel dimensions" (App. B.1). tokenflow-b: 256 channels and
+    pix_dec_res_blocks 4, so 5 res blocks per level (the decoder builds pix_dec_res_blocks + 1, as
+    VQGAN's), the official sizes (237.1M parameters); the toy preset's stays toy-sized."""
     return replace(cfg, pix_dec_ch=2 * cfg.pix_dec_ch, pix_dec_res_blocks=2 * cfg.pix_dec_res_blocks)
 
 
@@ -923,3 +877,74 @@ PRESETS = {
     # TokenFlow-B: CLIP ViT-B/16 teacher at 224 px, 14x14 grid, K = 32,768, L = 561
     "tokenflow-b": {"tokenizer": TokenizerConfig(vit_quick_gelu=True), "gpt": GPTConfig()},
 }
+
+
+def config_diff(a, b, keys=None):
+    """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
+    return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys or asdict(a) if getattr(a, k) != getattr(b, k)]
+
+
+def config_from_dict(cls, d):
+    """Rebuild a config dataclass from a checkpoint's plain dict, naming any unknown field."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"config has fields {sorted(unknown)} that {cls.__name__} does not know; "
+                         "the checkpoint comes from another version of this code")
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed variants: the plain forms above, faster; each tested equal to its plain form
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps its input's memory layout and dtype: fp32 statistics, output in x's dtype (as
+    timm's fast_norm). PyTorch's CUDA kernel returns channels_last input contiguous (pytorch/pytorch#111824)
+    and autocast runs it in fp32: a layout transform and two casts around every norm of a bf16 CNN."""
+
+    def forward(self, x_BChw):
+        x = x_BChw.unflatten(1, (self.num_groups, -1))  # (B, G, C/G, h, w): a view in either layout
+        var, mean = torch.var_mean(x.float(), dim=(2, 3, 4), correction=0, keepdim=True)  # (B, G, 1, 1, 1)
+        scale = (var + self.eps).rsqrt() * self.weight.view(self.num_groups, -1, 1, 1)  # (B, G, C/G, 1, 1)
+        shift = self.bias.view(self.num_groups, -1, 1, 1) - mean * scale
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).flatten(1, 2)  # x * scale + shift, x's layout
+
+
+def channels_last(model):
+    """For CUDA, in place -> model: weights channels_last (cuDNN's NHWC convs) and every nn.GroupNorm a
+    ChannelsLastGroupNorm (same parameters and state_dict), so activations stay channels_last throughout."""
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = ChannelsLastGroupNorm  # a subclass that only replaces forward
+    return model.to(memory_format=torch.channels_last)
+
+
+def score_rows(device, K):
+    """Rows per chunk of nearest()'s (rows, K) scores, at least 1: 2**22 scores (16 MB) on a CPU, where a
+    chunk that stays in cache is fastest; 2**28 (1 GiB) on a GPU, where one matmul of all rows is."""
+    return max(1, (2**22 if device.type == "cpu" else 2**28) // K)
+
+
+def in_row_chunks(fn, rows, *tensors):
+    """fn(*tensors) for a row-wise fn, run on at most `rows` rows at a time and concatenated: the same
+    result, with fn's memory bounded by the chunk (the nearest-code search's N x K scores)."""
+    return torch.cat([fn(*chunk) for chunk in zip(*(t.split(rows) for t in tensors))])
+
+
+BICUBIC = {}  # (s, n, device, dtype) -> the (n, s) matrix of upsample_matmul
+
+
+def upsample_matmul(x_BCss, n):
+    """upsample's F.interpolate(x, size=(n, n), mode="bicubic") (no align_corners, no antialias) is linear
+    and separable: A x A^T with A (n, s) read off an identity. Its backward is two matmuls, not the CUDA
+    kernel's atomic adds, which serialise where many outputs share few inputs (the small scales)."""
+    s = x_BCss.shape[-1]
+    if s == n:
+        return x_BCss
+    key = (s, n, x_BCss.device, x_BCss.dtype)
+    if key not in BICUBIC:
+        eye = torch.eye(s, dtype=torch.float64).view(1, s, s, 1)  # channel k: a unit impulse at row k
+        BICUBIC[key] = F.interpolate(eye, size=(n, 1), mode="bicubic")[0, :, :, 0].T.to(x_BCss.device, x_BCss.dtype)
+    A = BICUBIC[key]
+    with torch.autocast(x_BCss.device.type, enabled=False):  # x's dtype; autocast would make fp32 codes bf16
+        return A @ x_BCss @ A.T  # (B, C, n, n)
