@@ -21,7 +21,7 @@ reconstructions) beside teacher_acc (on the images themselves); with OUT_DIR/jud
 --stage judge), recon_class_acc (the judge on the reconstructions: the most a generator can score
 through this decoder) beside judge_acc. With gpt.pt it also generates --num-images
 class-balanced samples (default: as many as the held-out images) at cfg 0 and at the default
-guidance (or --cfg), scored by score_generated: class_acc (the judge's class of each image, and
+guidance (or --cfg-scale), scored by score_generated: class_acc (the judge's class of each image, and
 per class), teacher_class_acc, sem_class_acc (the teacher's head on the semantic features decoded
 from the same ids) and, on shapes, colours (distinct foreground colours per class, of 8: the
 diversity guard). FD-teacher and FD-judge are Frechet distances between mean-pooled teacher
@@ -69,7 +69,6 @@ from utils.weights import load_teacher, teacher_path
 SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
             if k not in ("self", "labels", "generator")}  # GPT.generate's defaults, as sample.py uses them
 DEFAULT_CFG_SCALE = SAMPLING["cfg_scale"]  # GPT.generate's guidance weight, recorded with class_acc
-DEFAULT_CFG = DEFAULT_CFG_SCALE  # the old name, until train.py reads DEFAULT_CFG_SCALE: then delete this line
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -286,13 +285,13 @@ def generated_row(gpt, tokenizer, teacher, judge, labels, batch_size, seed, devi
                   recon_class_acc=None):
     """The training run's last row: score_generated at the default guidance and at 0 (keys with the
     suffix _cfg0), beside recon_class_acc (the judge's ceiling through this decoder) when given."""
-    row = {"cfg": DEFAULT_CFG, "images": len(labels),
+    row = {"cfg": DEFAULT_CFG_SCALE, "images": len(labels),
            **({"recon_class_acc": recon_class_acc} if recon_class_acc is not None else {})}
-    for cfg in (DEFAULT_CFG, 0.0):
+    for cfg_scale in (DEFAULT_CFG_SCALE, 0.0):
         scores, _, _ = score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype,
-                                       shapes=shapes, cfg=cfg)
-        row.update({k if cfg == DEFAULT_CFG else f"{k}_cfg0": v for k, v in scores.items()
-                    if cfg == DEFAULT_CFG or k != "class_acc_per_class"})
+                                       shapes=shapes, cfg_scale=cfg_scale)
+        row.update({k if cfg_scale == DEFAULT_CFG_SCALE else f"{k}_cfg0": v for k, v in scores.items()
+                    if cfg_scale == DEFAULT_CFG_SCALE or k != "class_acc_per_class"})
     return row
 
 
@@ -380,7 +379,7 @@ def parser():
     what.add_argument("--recon", action="store_true", help="export the tokenizer's reconstructions of them instead")
     p.add_argument("--batch-size", type=int, default=256, help="images per generation or encoding batch")
     # generation (eval, export): GPT.generate's defaults, as sample.py
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG_SCALE, help="guidance weight of the guided row; eval "
+    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE, help="guidance weight of the guided row; eval "
                    "also measures cfg 0")
     p.add_argument("--cfg-schedule", default=SAMPLING["cfg_schedule"], choices=["linear", "constant"])
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="softmax temperature (> 0)")
@@ -461,7 +460,7 @@ def print_table(rows, columns):
 def evaluate(run):
     """The tokenizer on the held-out split (evaluate_tokenizer; with OUT_DIR/judge.pt also
     recon_class_acc); then, if OUT_DIR/gpt.pt exists, --num-images class-balanced samples at cfg 0
-    and at --cfg, scored by score_generated, with FD-teacher and FD-judge against the held-out
+    and at --cfg-scale, scored by score_generated, with FD-teacher and FD-judge against the held-out
     images and their floors (fd_*_real: as many real training images, what a perfect generator
     scores at this sample size)."""
     a, teacher, judge = run.args, run.teacher(), run.judge()
@@ -476,7 +475,7 @@ def evaluate(run):
     if os.path.exists(os.path.join(a.out_dir, "gpt.pt")):
         gpt, n = run.gpt(), a.num_images or a.eval_images
         real, floor = features_and_floor(run, teacher, judge, val, n)
-        for cfg_scale in dict.fromkeys((0.0, a.cfg)):
+        for cfg_scale in dict.fromkeys((0.0, a.cfg_scale)):
             scores, *fake = score_generated(gpt, run.tokenizer, teacher, judge, torch.arange(n) % gpt.cfg.num_classes,
                                             a.batch_size, a.seed, a.device, a.dtype,
                                             shapes=isinstance(val, ShapesDataset), **run.sampling(cfg_scale))
@@ -547,7 +546,7 @@ def export(run):
         if a.recon:
             batches = ((y, tokenizer.decode(tokenizer.encode(x))) for y, x in batches)
     else:
-        batches = ((y, x) for y, _, x in run.samples(run.gpt(), n, a.cfg))
+        batches = ((y, x) for y, _, x in run.samples(run.gpt(), n, a.cfg_scale))
     start = 0
     for y, x in batches:
         images[start:start + len(x)], labels[start:start + len(x)] = to_uint8(x), y.cpu().numpy()

@@ -2,7 +2,7 @@
 Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
 
     python sample.py                                   # one row per class -> out/samples.png
-    python sample.py --classes 0 3 --per-class 16 --cfg 4 --top-k 100 --top-p 0.9
+    python sample.py --classes 0 3 --per-class 16 --cfg-scale 4 --top-k 100 --top-p 0.9
     python sample.py --top-k 300 --top-p 0.8 --refine 100,0.8 1,0   # TokenFlow's multi-step sampling
     python sample.py reconstruct a.png b.jpg           # reconstruction grid + per-image PSNR
     python sample.py encode a.png b.png --out ids.npy  # shared ids (N, L) to a .npy file
@@ -63,9 +63,9 @@ def parser():
     p.add_argument("--classes", nargs="+", default=None, help="classes, one grid row each (default: all): names "
                    "(the training split's folders; a name wins over a number) or numbers, num_classes = the null class")
     p.add_argument("--per-class", type=int, default=8, help="images per class")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight; 0 = none")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight; 0 = none")
     p.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
-                   help="linear: the weight ramps from 0 at the first scale to --cfg at the last (official)")
+                   help="linear: the weight ramps from 0 at the first scale to --cfg-scale at the last (official)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (> 0)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely ids; 0 = all")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1); 0 = off")
@@ -77,10 +77,9 @@ def parser():
 
 
 def sampling_options(args):
-    """The sampling flags given on the command line as GPT.generate's options (--cfg is its cfg_scale);
-    unset ones take GPT.generate's defaults."""
-    options = {k: getattr(args, k) for k in ("cfg_schedule", "temperature", "top_k", "top_p", "refine")}
-    options["cfg_scale"] = args.cfg
+    """The sampling flags given on the command line as GPT.generate's options; unset ones take
+    GPT.generate's defaults."""
+    options = {k: getattr(args, k) for k in ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "refine")}
     return {k: v for k, v in options.items() if v is not None}
 
 

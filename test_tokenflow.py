@@ -199,7 +199,7 @@ def test_clip_teacher_for_a_preset_and_its_checked_download(tmp_path, monkeypatc
     # --teacher clip-vit-b16: fetched once into the cache, then its SHA-256 is checked
     monkeypatch.setenv("TOKENFLOW_CACHE", str(tmp_path / "cache"))
     fake = "https://example.invalid/x/" + hashlib.sha256(open(path, "rb").read()).hexdigest() + "/ViT-B-16.pt"
-    monkeypatch.setattr(data.weights, "CLIP_URL", fake)
+    monkeypatch.setattr(utils.weights, "CLIP_URL", fake)
     monkeypatch.setattr(utils.weights.urllib.request, "urlretrieve", lambda url, dst: shutil.copy(path, dst))
     fetched = utils.weights.fetch_clip()
     assert open(fetched, "rb").read() == open(path, "rb").read()
@@ -1266,13 +1266,13 @@ def test_load_lpips_reads_torchvision_vgg_and_lpips_heads(tmp_path, monkeypatch)
     torch.save(vgg, tmp_path / "vgg16-397923af.pth")
     torch.save({f"lin{i}.model.1.weight": lin.weight.abs() for i, lin in enumerate(ref.lins)}, tmp_path / "vgg.pth")
     digest = lambda name, algo: hashlib.new(algo, open(tmp_path / name, "rb").read()).hexdigest()
-    monkeypatch.setattr(data.weights, "VGG16_SHA256", digest("vgg16-397923af.pth", "sha256")[:8])
-    monkeypatch.setattr(data.weights, "LPIPS_MD5", digest("vgg.pth", "md5"))
+    monkeypatch.setattr(utils.weights, "VGG16_SHA256", digest("vgg16-397923af.pth", "sha256")[:8])
+    monkeypatch.setattr(utils.weights, "LPIPS_MD5", digest("vgg.pth", "md5"))
     monkeypatch.setattr(utils.weights.urllib.request, "urlretrieve", None)  # the files are there: no download
     lpips = utils.weights.load_lpips(str(tmp_path))
     assert torch.equal(lpips.features[28].weight, ref.features[28].weight)
     assert torch.equal(lpips.lins[4].weight, ref.lins[4].weight.abs())
-    monkeypatch.setattr(data.weights, "LPIPS_MD5", "0" * 32)
+    monkeypatch.setattr(utils.weights, "LPIPS_MD5", "0" * 32)
     with pytest.raises(ValueError, match="expected 0000"):
         utils.weights.load_lpips(str(tmp_path))
 
@@ -2099,7 +2099,7 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     recon = np.load(evaluate.main(["export", "--recon", *flags, "--out", str(tmp_path / "recon.npz")]))
     tokenizer, _ = load_model(os.path.join(out, "tokenizer.pt"), "tokenizer")
     assert np.array_equal(recon["arr_0"], to_uint8(tokenizer.decode(tokenizer.encode(torch.stack(x)))))
-    assert len(evaluate.main(["eval", *flags, "--cfg", "0"])) == 2  # cfg 0 is evaluated once
+    assert len(evaluate.main(["eval", *flags, "--cfg-scale", "0"])) == 2  # cfg 0 is evaluated once
     for split in ("train", "val"):
         image_folder(str(tmp_path / "d" / split))  # 9 images: fewer than asked for
     with pytest.raises(ValueError, match="held-out split has 9 images"):
@@ -2221,7 +2221,7 @@ def test_sampling_never_gives_nan(gpt):
 MISSING, FOLDER, TEXT, IMAGE, IDS, NPZ = "<missing>", "<folder>", "<text>", "<image>", "<ids>", "<npz>"  # paths
 HOSTILE = {"number": ["nan", "inf", "-inf", "0", "-1", "1e30", ""], "string": ["", "nan", MISSING, FOLDER, TEXT],
            "choice": ["", "bogus"]}
-MORE_HOSTILE = {"--temperature": ["1e-40"], "--cfg": ["1e38"], "--top-p": ["1.5"], "--seed": [str(2**63)],
+MORE_HOSTILE = {"--temperature": ["1e-40"], "--cfg-scale": ["1e38"], "--top-p": ["1.5"], "--seed": [str(2**63)],
                 "--classes": ["-1", "1e30", "bogus"], "--refine": ["nan,nan", "1e30,0.5", "-1,0.5", "5,inf", "x"],
                 "inputs": [IMAGE, IDS, NPZ]}
 PARSE_ONLY = {"--compile": "torch.compile takes minutes on a CPU"}  # its parse is checked, not a run

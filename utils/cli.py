@@ -33,7 +33,7 @@ def check_numbers(p, args, ranges):
 
 SEED = (lambda v: 0 <= v < 2**63, "in [0, 2^63)")  # what torch and NumPy seeds take
 SAMPLING_NUMBERS = {  # the sampling flags of sample.py and evaluate.py
-    "cfg": (lambda v: v >= 0, ">= 0 (a finite number; 0 = none)"),
+    "cfg_scale": (lambda v: v >= 0, ">= 0 (a finite number; 0 = none)"),
     "temperature": (lambda v: v > 0, "> 0 (a finite number; below ~1e-38, greedy)"),
     "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "top_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
