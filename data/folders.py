@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils.cli import listing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -62,6 +61,11 @@ def unchanged(root, mtimes):
         return False
 
 
+def first_names(names, most=8):
+    """Folder names for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])}, ... ({len(names)} in all)"
+
+
 def scan_folder(root, cache_dir, classes=None):
     """root/<class>/.../<image> -> (classes, [[path relative to root, class index], ...]). classes: the
     list the folders map onto by name (default: training_classes(root)); a folder not in it stops with
@@ -77,8 +81,8 @@ def scan_folder(root, cache_dir, classes=None):
     classes = list(classes or training_classes(root))
     unknown = [c for c in found if c not in classes]
     if unknown:
-        raise ValueError(f"{root} has class folders the training split lacks: {listing(unknown)}; the training "
-                         f"split's folders define the classes ({listing(classes)}): add them there or remove them here")
+        raise ValueError(f"{root} has class folders the training split lacks: {first_names(unknown)}; the training "
+                         f"split's folders define the classes ({first_names(classes)}): add them there or remove them here")
     cache = os.path.join(cache_dir, f"filelist_{hashlib.sha256(root.encode()).hexdigest()[:12]}.json")
     if os.path.exists(cache):
         with open(cache) as f:

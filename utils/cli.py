@@ -14,6 +14,8 @@ import sys
 import torch
 from PIL import Image
 
+from data.folders import first_names
+
 BAD_INPUT = (ValueError, OSError)  # what our checks and file reads raise on bad input: exit code 2
 
 
@@ -123,9 +125,8 @@ IMAGE_OUTPUTS = COMMON_IMAGES + tuple(sorted(  # then every other kind Pillow wr
 
 
 def listing(names, most=8):
-    """Names for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
-    names = [str(n) for n in names]
-    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])}, ... ({len(names)} in all)"
+    """Names (or numbers) for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
+    return first_names([str(n) for n in names], most)
 
 
 def check_classes(found, expected, what, fix):
