@@ -4,6 +4,7 @@ evaluations; this file imports no script), and three commands.
 
     python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD
     python evaluate.py probe [--pool grid]                # linear probes on each half of the codes
+    python evaluate.py neighbours [--k 5]                 # nearest held-out images by each half: precision@k, a picture
     python evaluate.py export --num-images 50000          # out/samples.npz for the ADM suite (gFID, IS)
     python evaluate.py export --ref --num-images 50000    # out/reference.npz: real held-out images
     python evaluate.py export --recon --num-images 50000  # out/reconstructions.npz: the same, reconstructed (rFID)
@@ -61,8 +62,8 @@ import tokenflow as tf
 from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path
 from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
 from utils.checkpoints import load_model, save_atomically
-from utils.cli import (SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file, check_numbers,
-                       check_output_file, parse_refine, run_script)
+from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file,
+                       check_numbers, check_output_file, parse_refine, run_script)
 from utils.grids import class_rows, keep_class_examples, save_grid, to_uint8
 from utils.weights import load_teacher, teacher_path
 
@@ -343,26 +344,26 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.refine = parse_refine(p, args.refine)
     check_numbers(p, args, {**SAMPLING_NUMBERS, **{name: (lambda v: v >= 1, ">= 1") for name in
-                                         ("eval_images", "num_images", "probe_images", "batch_size")}})
+                                         ("eval_images", "num_images", "probe_images", "batch_size", "k")}})
     if (args.ref or args.recon) and args.mode != "export":
         p.error("--ref and --recon choose what export writes; use them with export")
-    if args.pool != "mean" and args.mode != "probe":
-        p.error("--pool is for probe")
+    if args.pool != "mean" and args.mode not in ("probe", "neighbours"):
+        p.error("--pool is for probe and neighbours")
     if args.teacher not in (None, "toy", "clip-vit-b16"):
         check_input_file(p, "--teacher", args.teacher)
     check_folder(p, "--out-dir", args.out_dir)  # (a missing --tokenizer file gets the command that makes it, later)
-    check_output_file(p, "--out", args.out, (".npz",))
+    check_output_file(p, "--out", args.out, IMAGE_OUTPUTS if args.mode == "neighbours" else (".npz",))
     check_device(p, args.device)
     return args
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="eval", choices=["eval", "probe", "export"])
+    p.add_argument("mode", nargs="?", default="eval", choices=["eval", "probe", "neighbours", "export"])
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt, gpt.pt and teacher.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt)")
     p.add_argument("--out", default=None, help="export: output file (default: OUT_DIR/samples.npz, "
-                   "reference.npz or reconstructions.npz)")
+                   "reference.npz or reconstructions.npz); neighbours: the picture (default: OUT_DIR/neighbours.png)")
     # the held-out split of the tokenizer's dataset, as train.py builds it
     p.add_argument("--teacher", default=None, help="'toy' (OUT_DIR/teacher.pt), 'clip-vit-b16' or a path, as "
                    "train.py --teacher (default: the tokenizer's)")
@@ -372,8 +373,9 @@ def parser():
     p.add_argument("--num-images", type=int, default=None, help="generated images for eval (default: "
                    "--eval-images) and export (default: 50,000); real held-out images for export --ref")
     p.add_argument("--probe-images", type=int, default=4096, help="training images the probes fit")
-    p.add_argument("--pool", default="mean", choices=["mean", "grid"], help="probe features: mean over the token "
-                   "grid, or the whole grid flattened (keeps where things are; n*n times wider: toy sizes)")
+    p.add_argument("--pool", default="mean", choices=["mean", "grid"], help="probe and neighbours features: mean "
+                   "over the token grid, or the whole grid flattened (keeps where things are; n*n times wider: toy sizes)")
+    p.add_argument("--k", type=int, default=5, help="neighbours: nearest held-out images per query")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--ref", action="store_true", help="export real centre-cropped held-out images instead")
     what.add_argument("--recon", action="store_true", help="export the tokenizer's reconstructions of them instead")
@@ -529,6 +531,53 @@ def probe(run):
     return rows
 
 
+def nearest_neighbours(feats_ND, k):
+    """The k rows most cosine-similar to each row, among the other rows -> (N, k) indices, nearest
+    first; a row is never its own neighbour."""
+    u = F.normalize(feats_ND.float(), dim=1)
+    sims = u @ u.T  # (N, N)
+    sims.fill_diagonal_(-float("inf"))
+    return sims.topk(k, dim=1).indices
+
+
+def precision_at_k(neighbours_Nk, labels_N):
+    """The fraction of the neighbours that share their query's label, over all queries."""
+    return (labels_N[neighbours_Nk] == labels_N[:, None]).float().mean().item()
+
+
+def neighbours(run):
+    """What each half of a shared id knows: every held-out image's --k nearest held-out images by the
+    semantic half of its codes and by the pixel half (code_features, cosine similarity) -> one row:
+    precision@k of the same class and, on shapes, the same colour; and a picture: for the first
+    image of each class (at most 8), the query | its semantic neighbours | its pixel neighbours."""
+    a, teacher = run.args, run.teacher()
+    val = run.data("val", a.eval_images)
+    if a.k >= len(val):
+        raise ValueError(f"--k {a.k} needs more held-out images than that; the split has {len(val)}: lower --k "
+                         "or raise --eval-images")
+    feats, y = code_features(run.tokenizer, teacher, val, a.pool, a.batch_size, a.device, a.dtype)
+    targets = {"class": y}
+    if isinstance(val, ShapesDataset):  # appearance, drawn independently of the class
+        targets["colour"] = val.params(range(len(val)))["colour"].long()
+    row, found = {"stage": "neighbours", "pool": a.pool, "k": a.k, "images": len(y)}, {}
+    for half, key in (("semantic", "sem"), ("pixel", "pix")):
+        if half in feats:  # (a tokenizer of one half: the other is missing)
+            found[half] = nearest_neighbours(feats[half], a.k)
+            row.update({f"nn_{t}_prec_{key}": precision_at_k(found[half], labels) for t, labels in targets.items()})
+    queries = [int((y == c).nonzero()[0]) for c in y.unique()[:8].tolist()]
+    image = lambda i: val[i][0]
+    blank = torch.ones_like(image(0))  # a white tile between the groups
+    rows = [torch.stack([image(q)] + [t for half in found for t in [blank] + [image(i) for i in found[half][q]]])
+            for q in queries]
+    header = ["query"] + [t for half in found for t in ["", f"{half} half: {a.k} nearest"] + [""] * (a.k - 1)]
+    out = a.out or os.path.join(a.out_dir, "neighbours.png")
+    save_grid(rows, out, header=header)
+    run.log([row])
+    print_table([row], [k for k in row if k.startswith("nn_")] + ["k", "pool", "images"])
+    print(f"wrote {out}: one row per query ({', '.join(val.classes[y[q]] for q in queries)})")
+    return row
+
+
 def export(run):
     """N class-balanced generated images or, with --ref, N real centre-cropped held-out images (with
     --recon, their reconstructions) as uint8 (N, H, W, 3) under arr_0, labels under arr_1: the .npz
@@ -562,7 +611,7 @@ def export(run):
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    return {"eval": evaluate, "probe": probe, "export": export}[args.mode](Run(args))
+    return {"eval": evaluate, "probe": probe, "neighbours": neighbours, "export": export}[args.mode](Run(args))
 
 
 def cli(argv=None):

@@ -7,6 +7,7 @@ Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
     python sample.py reconstruct a.png b.jpg           # reconstruction grid + per-image PSNR
     python sample.py encode a.png b.png --out ids.npy  # shared ids (N, L) to a .npy file
     python sample.py decode ids.npy --out decoded.png  # and back to images
+    python sample.py scales                            # coarse to fine: each image from the ids of scales 1..k
 
 Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights). Evaluation
 (held-out metrics, probes, export for FID) is evaluate.py.
@@ -38,8 +39,8 @@ def get_args(argv=None):
         p.error("encode takes one or more image files")
     for path in args.inputs:
         check_input_file(p, f"{args.mode}: input file", path)
-    if args.mode == "generate" and args.inputs:
-        p.error(f"generate takes no files (got {args.inputs[0]}); did you mean reconstruct or encode?")
+    if args.mode in ("generate", "scales") and args.inputs:
+        p.error(f"{args.mode} takes no files (got {args.inputs[0]}); did you mean reconstruct or encode?")
     check_folder(p, "--out-dir", args.out_dir)  # (a missing --tokenizer file gets the command that makes it, later)
     check_output_file(p, "--out", args.out, (".npy",) if args.mode == "encode" else IMAGE_OUTPUTS)
     check_device(p, args.device)
@@ -48,14 +49,14 @@ def get_args(argv=None):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode"])
+    p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode", "scales"])
     p.add_argument("inputs", nargs="*", help="reconstruct/encode: image files (reconstruct without files: "
                    "held-out shapes); decode: one .npy file of ids (N, L)")
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt and gpt.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt; "
                    "OUT_DIR/decoder.pt after train.py --finetune-decoder: the same ids, its own pixel decoder)")
     p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, "
-                   "reconstructions_sample.png, ids.npy or decoded.png)")
+                   "reconstructions_sample.png, ids.npy, decoded.png or scales.png)")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="reconstruct without files: the held-out "
                    "images of this dataset (default: the tokenizer's)")
     p.add_argument("--data-path", default=None, help="root of a folder dataset (default: the tokenizer's)")
@@ -113,28 +114,61 @@ def generate(args, ckpt, tokenizer, out):
     return out
 
 
+def held_out_examples(args, ckpt, tokenizer, per_class, max_classes=16):
+    """per_class held-out images of each class (at most max_classes) of the tokenizer's data and seed
+    (--dataset and --data-path override them) -> (images (N, 3, H, W), names)."""
+    trained = ckpt.get("args", {})
+    name = args.dataset or trained.get("dataset", "shapes")
+    same = name == trained.get("dataset", "shapes")
+    path = resolve_data_path(name, args.data_path or (trained.get("data_path") if same else None))
+    held_out = make_dataset(name, path, "val", tokenizer.cfg.image_size, seed=trained.get("seed", 0) if same else 0,
+                            cache_dir=args.out_dir)
+    kept, classes = {}, min(held_out.num_classes, max_classes)
+    for x, y in eval_loader(held_out, 128):
+        keep_class_examples(kept, y, x, per_class=per_class, max_classes=classes)
+        if len(kept) == classes and all(len(v) == per_class for v in kept.values()):
+            break
+    return class_rows(kept)[0], [f"held-out {held_out.classes[c]}" for c in sorted(kept) for _ in kept[c]]
+
+
 def reconstruct(args, ckpt, tokenizer, out):
     if args.inputs:
         x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
-    else:  # two held-out images of each class (at most 16) of the tokenizer's data and seed, as train.py shows
-        trained = ckpt.get("args", {})
-        name = args.dataset or trained.get("dataset", "shapes")
-        same = name == trained.get("dataset", "shapes")
-        path = resolve_data_path(name, args.data_path or (trained.get("data_path") if same else None))
-        held_out = make_dataset(name, path, "val", tokenizer.cfg.image_size, seed=trained.get("seed", 0) if same else 0,
-                                cache_dir=args.out_dir)
-        kept = {}
-        for x, y in eval_loader(held_out, 128):
-            keep_class_examples(kept, y, x)
-            if len(kept) == min(held_out.num_classes, 16) and all(len(v) == 2 for v in kept.values()):
-                break
-        x = class_rows(kept)[0]
-        names = [f"held-out {held_out.classes[c]}" for c in sorted(kept) for _ in kept[c]]
+    else:  # two held-out images of each class (at most 16), as train.py shows
+        x, names = held_out_examples(args, ckpt, tokenizer, per_class=2)
     x_rec = tokenizer.decode(tokenizer.encode(x.to(args.device)))
     for name, db in zip(names, tf.psnr(x_rec, x.to(args.device)).tolist()):
         print(f"{db:6.2f} dB  {name}")
     save_grid([x, x_rec], out)
     print(f"wrote {out}: originals above, reconstructions below")
+    return out
+
+
+def coarse_to_fine(tokenizer, ids_BL):
+    """ids (B, L) -> images (B, S, 3, H, W): image k decoded from the ids of scales 1..k alone (the running
+    f_hat through the pixel decoder, as the quantizer builds it and the GPT reads it); the last is
+    tokenizer.decode(ids)."""
+    return torch.stack([tokenizer.pixel_decode(f).clamp(-1, 1) for f in tokenizer.cumulative_features(ids_BL)], 1)
+
+
+def scales(args, ckpt, tokenizer, out):
+    """One row per image, one column per scale: held-out images (encoded, the original last), then with
+    OUT_DIR/gpt.pt one generated sample per class (at most 16)."""
+    x, names = held_out_examples(args, ckpt, tokenizer, per_class=1, max_classes=4)
+    x = x.to(args.device)
+    rows = torch.cat([coarse_to_fine(tokenizer, tokenizer.encode(x)), x[:, None]], 1)  # (b, S + 1, 3, H, W)
+    gpt_path = os.path.join(args.out_dir, "gpt.pt")
+    if os.path.exists(gpt_path):
+        gpt, gpt_ckpt = load_model(gpt_path, "gpt", tokenizer)
+        labels = torch.arange(min(gpt.cfg.num_classes, 16), device=args.device)
+        ids = gpt.to(args.device).eval().generate(labels, generator=torch.Generator(args.device).manual_seed(args.seed),
+                                                  **sampling_options(args))
+        generated = coarse_to_fine(tokenizer, ids)
+        rows = torch.cat([rows, torch.cat([generated, torch.ones_like(generated[:, :1])], 1)])  # no original: white
+        names += [f"generated {(gpt_ckpt.get('classes') or range(len(labels)))[c]}" for c in labels.tolist()]
+    header = [f"{s}x{s}" for s in tokenizer.cfg.scales] + ["original"]
+    save_grid(list(rows), out, header=header)
+    print(f"wrote {out}: one row per image ({', '.join(names)}); columns: scales {', '.join(header)}")
     return out
 
 
@@ -163,7 +197,7 @@ def decode(args, ckpt, tokenizer, out):
 
 
 MODES = {"generate": (generate, "samples.png"), "reconstruct": (reconstruct, "reconstructions_sample.png"),
-         "encode": (encode, "ids.npy"), "decode": (decode, "decoded.png")}
+         "encode": (encode, "ids.npy"), "decode": (decode, "decoded.png"), "scales": (scales, "scales.png")}
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ import utils.weights
 from data import device_batches, fashion_mnist
 from data.folders import FolderDataset, read_rgb
 from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
-from utils.checkpoints import load_checkpoint, load_model, save_checkpoint, tokenizer_id
+from utils.checkpoints import config_diff, load_checkpoint, load_model, save_checkpoint, tokenizer_id
 from utils.grids import class_rows, keep_class_examples, to_uint8
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -779,7 +779,7 @@ def test_tokenflow_b_preset_builds_with_official_sizes():
     assert count(model.pix_dec) - count(model.pix_dec.from_code) == 42_449_795
     assert abs(count(model.sem_dec) + count(model.sem_dec_head) - 22e6) < 0.05 * 22e6
     big = tf.enhanced_decoder(cfg)  # twice the base decoder's channels and res blocks: the official sizes
-    assert (big.pix_dec_ch, big.pix_dec_res_blocks) == (256, 4) and tf.config_diff(big, cfg) == [
+    assert (big.pix_dec_ch, big.pix_dec_res_blocks) == (256, 4) and config_diff(big, cfg) == [
         "pix_dec_ch = 256 vs 128", "pix_dec_res_blocks = 4 vs 2"]
     enhanced = tf.PixelDecoder(big)
     assert abs(count(enhanced) - count(enhanced.from_code) - 237_117_187) < 0.01 * 237_117_187
@@ -2024,6 +2024,73 @@ def test_frechet_distance_zero_for_the_same_set_and_exact_for_shift_and_scale():
     mu, cov = a.double().mean(0), torch.cov(a.double().T)
     assert abs(evaluate.frechet_distance(a, 2 * a) - (mu.square().sum() + cov.trace()).item()) < 1e-6
     assert evaluate.frechet_distance(a, a + 0.1) < evaluate.frechet_distance(a, a + 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures that teach the method: coarse to fine, and what each half of an id knows
+
+
+@torch.no_grad()
+def test_coarse_to_fine_ends_at_decode_and_column_k_reads_only_scales_up_to_k(tiny):
+    ids = tiny.encode(images(3))
+    columns = sample.coarse_to_fine(tiny, ids)  # (B, S, 3, H, W)
+    assert columns.shape[:2] == (3, len(TINY.scales))
+    assert torch.equal(columns[:, -1], tiny.decode(ids))  # the last column is the image itself
+    starts = np.cumsum([0] + [s * s for s in TINY.scales])
+    for k in range(len(TINY.scales) - 1):  # new ids for every scale after k
+        other = ids.clone()
+        other[:, starts[k + 1]:] = torch.randint(0, TINY.codebook_size, (3, len(ids[0]) - starts[k + 1]))
+        changed = sample.coarse_to_fine(tiny, other)
+        assert torch.equal(changed[:, :k + 1], columns[:, :k + 1])  # scales <= k: the same pictures
+        assert not torch.equal(changed[:, -1], columns[:, -1])
+
+
+def test_nearest_neighbours_exclude_the_query_and_precision_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    feats, labels, k = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g), 4
+    found = evaluate.nearest_neighbours(feats, k)
+    assert found.shape == (12, k) and all(i not in found[i].tolist() for i in range(12))
+    hits = 0  # brute force: every other row's cosine, sorted
+    for i in range(12):
+        cos = {j: (feats[i] @ feats[j] / (feats[i].norm() * feats[j].norm())).item() for j in range(12) if j != i}
+        nearest = sorted(cos, key=cos.get, reverse=True)[:k]
+        assert found[i].tolist() == nearest
+        hits += sum(labels[j] == labels[i] for j in nearest)
+    assert evaluate.precision_at_k(found, labels) == pytest.approx(hits / (12 * k))
+
+
+def test_scales_and_neighbours_pictures_on_the_toy_run(toy_run, tmp_path):
+    out, _ = toy_run
+    path = sample.main(["scales", "--out-dir", out, "--out", str(tmp_path / "s.png")])
+    columns, rows = len(tf.PRESETS["toy"]["tokenizer"].scales) + 1, 4 + 8  # 4 held-out images, a sample per class
+    assert Image.open(path).size == (columns * 96, 16 + rows * 96)
+    row = evaluate.main(["neighbours", "--out-dir", out, "--eval-images", "64", "--k", "3",
+                         "--out", str(tmp_path / "n.png")])
+    assert row["stage"] == "neighbours" and row["k"] == 3
+    assert all(0 <= row[f"nn_{t}_prec_{h}"] <= 1 for t in ("class", "colour") for h in ("sem", "pix"))
+    assert Image.open(tmp_path / "n.png").size == ((1 + 2 * (1 + 3)) * 96, 16 + 8 * 96)  # 8 queries
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert rows[-1] == row
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample.py", "scales", "--out-dir", "EMPTY"], "python train.py --stage tokenizer --out-dir"),
+    (["evaluate.py", "neighbours", "--out-dir", "EMPTY"], "python train.py --stage tokenizer --out-dir"),
+    (["evaluate.py", "neighbours", "--out-dir", "TOY", "--eval-images", "8", "--k", "8"], "--k 8 needs more"),
+    (["sample.py", "scales", "--out-dir", "TOY", "--out", "/no/such/folder/s.png"], "does not exist"),
+    (["evaluate.py", "neighbours", "--out-dir", "TOY", "--out", "/no/such/folder/n.png"], "does not exist"),
+    (["evaluate.py", "neighbours", "--out-dir", "TOY", "--out", "n.npz"], "name it with one of"),
+])
+def test_scales_and_neighbours_bad_input_exit_2_and_write_nothing(toy_run, tmp_path, argv, message):
+    out = str(tmp_path / "toy")
+    shutil.copytree(toy_run[0], out)
+    (tmp_path / "empty").mkdir()
+    before = sorted(os.listdir(out))
+    argv = [{"EMPTY": str(tmp_path / "empty"), "TOY": out}.get(a, a) for a in argv]
+    r = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == before and not os.listdir(tmp_path / "empty")
 
 
 def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_labels():

@@ -36,7 +36,7 @@ References
 """
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -473,6 +473,11 @@ class TokenFlow(nn.Module):
 
     def indices_to_features(self, idx_BL):
         """(B, L) ids of all scales -> f_hat (B, C, n, n), the same sum the quantizer builds."""
+        return self.cumulative_features(idx_BL)[-1]
+
+    def cumulative_features(self, idx_BL):
+        """(B, L) ids of all scales -> [f_hat (B, C, n, n) after scales 1..k for k = 1 .. S]: the running
+        sum, coarse to fine, as the quantizer builds it (the GPT reads each as the next scale's input)."""
         cfg = self.cfg
         if idx_BL.ndim != 2 or idx_BL.shape[1] != cfg.seq_len:
             raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {cfg.seq_len}) "
@@ -480,10 +485,10 @@ class TokenFlow(nn.Module):
         if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= cfg.codebook_size):
             raise ValueError(f"token ids must lie in [0, {cfg.codebook_size}), the codebook size; got "
                              f"[{idx_BL.min().item()}, {idx_BL.max().item()}]")
-        f_hat = self.codebook.sem.new_zeros(len(idx_BL), cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid)
+        f_hat = [self.codebook.sem.new_zeros(len(idx_BL), cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid)]
         for s, idx_Bl in zip(cfg.scales, idx_BL.split([s * s for s in cfg.scales], dim=1)):
-            f_hat = add_scale(f_hat, self.codebook.lookup(idx_Bl).transpose(1, 2).unflatten(2, (s, s)))
-        return f_hat
+            f_hat.append(add_scale(f_hat[-1], self.codebook.lookup(idx_Bl).transpose(1, 2).unflatten(2, (s, s))))
+        return f_hat[1:]
 
     def pixel_half(self, f_hat_BCnn):
         """What the pixel decoder reads: the pixel half or, without one, the semantic codes with their
@@ -855,7 +860,7 @@ def adaptive_weight(rec_loss, g_loss, last_layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets, and configs read back from checkpoints
+# Presets
 
 
 def enhanced_decoder(cfg):
@@ -877,20 +882,6 @@ PRESETS = {
     # TokenFlow-B: CLIP ViT-B/16 teacher at 224 px, 14x14 grid, K = 32,768, L = 561
     "tokenflow-b": {"tokenizer": TokenizerConfig(vit_quick_gelu=True), "gpt": GPTConfig()},
 }
-
-
-def config_diff(a, b, keys=None):
-    """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
-    return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys or asdict(a) if getattr(a, k) != getattr(b, k)]
-
-
-def config_from_dict(cls, d):
-    """Rebuild a config dataclass from a checkpoint's plain dict, naming any unknown field."""
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"config has fields {sorted(unknown)} that {cls.__name__} does not know; "
-                         "the checkpoint comes from another version of this code")
-    return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------

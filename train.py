@@ -32,8 +32,8 @@ from data import DATASETS, EVAL_IMAGES, describe, device_batches, eval_loader, m
 from data.shapes import ShapesDataset
 from evaluate import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
                       generated_row, reconstructions)
-from utils.checkpoints import (EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState, check_resumable_on, load_checkpoint,
-                               load_model, matching_weights, save_checkpoint, tokenizer_id)
+from utils.checkpoints import (EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState, check_resumable_on, config_diff,
+                               load_checkpoint, load_model, matching_weights, save_checkpoint, tokenizer_id)
 from utils.cli import SEED, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype, run_script
 from utils import distributed
 from utils.distributed import all_mean, all_sum, main_first, rank_and_world_size, rank_share, wrap
@@ -165,7 +165,7 @@ def finetune_decoder(args, cfg):
     trained on the pixel losses of the inference-time features (all scales) -> OUT_DIR/decoder.pt,
     a whole tokenizer with the same ids, so token files and GPT stay valid."""
     trained, _ = load_model(os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
-    diff = tf.config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
+    diff = config_diff(trained.cfg, cfg, [k for k in asdict(cfg) if not k.startswith("pix_dec")])
     if diff:
         raise ValueError(f"{args.out_dir}/tokenizer.pt vs preset {args.preset!r} differ in {'; '.join(diff)}; "
                          "pass the --codebook it was trained with, or finetune a tokenizer of this preset")
@@ -506,7 +506,7 @@ def trained_tokenizer(args, cfg):
     """OUT_DIR/tokenizer.pt, frozen on the device, checked against the preset's config cfg."""
     path = os.path.join(args.out_dir, "tokenizer.pt")
     tokenizer, _ = load_model(path, "tokenizer")
-    diff = tf.config_diff(tokenizer.cfg, cfg)
+    diff = config_diff(tokenizer.cfg, cfg)
     if diff:
         raise ValueError(f"tokenizer {path} vs preset {args.preset!r} differ in {'; '.join(diff)}; "
                          "pass the --codebook and --enhanced-decoder it was trained with, or train a tokenizer "

@@ -14,7 +14,7 @@ import re
 import shlex
 import signal
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
@@ -24,6 +24,20 @@ from utils.distributed import barrier
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint files: written atomically, read without running code, models rebuilt from them alone
+
+
+def config_diff(a, b, keys=None):
+    """Fields where configs a and b differ -> ["name = a_value vs b_value", ...]."""
+    return [f"{k} = {getattr(a, k)} vs {getattr(b, k)}" for k in keys or asdict(a) if getattr(a, k) != getattr(b, k)]
+
+
+def config_from_dict(cls, d):
+    """Rebuild a config dataclass from a checkpoint's plain dict, naming any unknown field."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"config has fields {sorted(unknown)} that {cls.__name__} does not know; "
+                         "the checkpoint comes from another version of this code")
+    return cls(**d)
 
 
 def save_atomically(path, write):
@@ -135,7 +149,7 @@ def load_model(path, kind, tokenizer=None, classes=None, fix=""):
     ckpt = load_checkpoint(path, kind)
     check_classes(ckpt.get("classes"), classes, f"{kind} {path}", fix)
     if kind == "gpt":
-        theirs = tf.config_from_dict(tf.TokenizerConfig, ckpt["tokenizer_config"])
+        theirs = config_from_dict(tf.TokenizerConfig, ckpt["tokenizer_config"])
         diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
                 ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
         if diff:
@@ -145,9 +159,9 @@ def load_model(path, kind, tokenizer=None, classes=None, fix=""):
             raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
                              "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
                              "DIR/tokenizer.pt being it)")
-        model = tf.GPT(tf.config_from_dict(tf.GPTConfig, ckpt["config"]), tokenizer)
+        model = tf.GPT(config_from_dict(tf.GPTConfig, ckpt["config"]), tokenizer)
     else:
-        cfg = tf.config_from_dict(tf.TokenizerConfig, ckpt["config"])
+        cfg = config_from_dict(tf.TokenizerConfig, ckpt["config"])
         model = {"teacher": lambda: tf.Teacher(cfg, ckpt["num_classes"]), "tokenizer": lambda: tf.TokenFlow(cfg),
                  "judge": lambda: tf.Judge(ckpt["num_classes"], ckpt["none_class"], ckpt["width"])}[kind]()
     model.load_state_dict(matching_weights(model, ckpt.get("ema", ckpt["model"]), path))
@@ -228,7 +242,7 @@ class TrainState:
             self.log(f"{stage}: --resume given but there is no {path}; starting from step 0")
             return 0
         ckpt = load_checkpoint(path, "tokenizer" if stage == "decoder" else stage)  # (decoder.pt holds a tokenizer)
-        diff = tf.config_diff(tf.config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
+        diff = config_diff(config_from_dict(type(self.model.cfg), ckpt["config"]), self.model.cfg)
         if diff:
             raise ValueError(f"cannot resume from {path}: checkpoint vs this run differ in "
                              f"{'; '.join(diff)}; use the flags it was trained with or another --out-dir")

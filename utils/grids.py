@@ -4,7 +4,7 @@ Pictures the scripts write: image tensors as uint8 arrays and PNG grids, one row
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_uint8(x_B3HW):
@@ -26,7 +26,17 @@ def class_rows(kept):
     return [torch.stack(row) for row in zip(*(t for c in sorted(kept) for t in kept[c]))]
 
 
-def save_grid(rows, path, zoom=3):
-    """rows: list of (B, 3, S, S) tensors in [-1, 1], one grid row each -> PNG, nearest-upscaled."""
+def save_grid(rows, path, zoom=3, header=None):
+    """rows: list of (B, 3, S, S) tensors in [-1, 1], one grid row each -> PNG, nearest-upscaled.
+    header: a short text per column (or None), written in a white strip above the grid."""
     img = np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)  # (rows*S, B*S, 3)
-    Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST).save(path)
+    grid = Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST)
+    if header:
+        tile, strip = grid.width // len(header), 16
+        framed = Image.new("RGB", (grid.width, grid.height + strip), "white")
+        draw = ImageDraw.Draw(framed)
+        for i, text in enumerate(header):
+            draw.text((i * tile + 3, 2), text, fill="black")
+        framed.paste(grid, (0, strip))
+        grid = framed
+    grid.save(path)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenflow as tf
-from utils.checkpoints import load_checkpoint, load_model, matching_weights, unwrapped
+from utils.checkpoints import config_diff, load_checkpoint, load_model, matching_weights, unwrapped
 from utils.cli import check_classes
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def load_teacher(path, cfg, maybe_clip=True, classes=None):
     out_dir = shlex.quote(os.path.dirname(path) or ".")
     check_classes(ckpt.get("classes"), classes, f"teacher {path}", "train a teacher on this data (python train.py "
                   f"--stage teacher --out-dir {out_dir}) or give the data it was trained on")
-    diff = tf.config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
+    diff = config_diff(teacher.cfg, cfg, ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads",
                                              "vit_quick_gelu", "vit_stem_ch", "teacher_dim", "sem_mean", "sem_std"))
     if diff:
         raise ValueError(f"teacher {path} vs the tokenizer's config differ in {'; '.join(diff)}; "
