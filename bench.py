@@ -58,7 +58,7 @@ import train
 from data import TokenDataset, device_batches
 from utils.cli import check_device, run_script
 from data.shapes import ShapesDataset
-from evaluate import autocast_ctx
+from metrics import autocast_ctx
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 ASSUMED_UTILISATION = 0.35  # a typical fraction of that peak for mixed conv / attention training
@@ -385,8 +385,7 @@ def tokenizer_step(cfg):
     def step():
         with torch.no_grad():
             target = teacher.features(x)
-        x_rec, sem, stats = tokenizer(x)
-        train.discriminator_step(gan, x, x_rec)
+        x_rec, sem, stats = tokenizer(x)  # the discriminator's hinge loss is part of tokenizer_loss's sum
         loss, _ = train.tokenizer_loss(x, x_rec, sem, target, stats["vq"], lpips, gan, tokenizer.pix_dec.conv_out.weight)
         loss.backward()
 

@@ -1,6 +1,6 @@
 """
-Measure a trained tokenizer and GPT: the metric functions (train.py imports them for its held-out
-evaluations; this file imports no script), and three commands.
+Measure a trained tokenizer and GPT: four commands over the metric functions of metrics.py (which
+train.py logs at its evaluations too).
 
     python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD
     python evaluate.py probe [--pool grid]                # linear probes on each half of the codes
@@ -48,291 +48,22 @@ reference batches are 256 px.
 """
 
 import argparse
-import inspect
 import json
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import tokenflow as tf
 from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path
-from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
+from data.shapes import PALETTE, ShapesDataset
+from metrics import (DEFAULT_CFG_SCALE, SAMPLING, autocast_ctx, code_features, evaluate_judge, evaluate_teacher,
+                     evaluate_tokenizer, frechet_distance, generated_batches, linear_probe, nearest_neighbours,
+                     precision_at_k, score_generated)
 from utils.checkpoints import load_model, save_atomically
 from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file,
                        check_numbers, check_output_file, parse_refine, run_script)
-from utils.grids import class_rows, keep_class_examples, save_grid, to_uint8
+from utils.grids import save_grid, to_uint8
 from utils.weights import load_teacher, teacher_path
-
-SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
-            if k not in ("self", "labels", "generator")}  # GPT.generate's defaults, as sample.py uses them
-DEFAULT_CFG_SCALE = SAMPLING["cfg_scale"]  # GPT.generate's guidance weight, recorded with class_acc
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def autocast_ctx(device, dtype):
-    """Autocast for 'bfloat16' / 'float16' forwards on device; nothing for 'float32'."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-def ssim(x, y, window=11, sigma=1.5):
-    """Per-image SSIM (Wang et al. 2004) of [-1, 1] images (B, C, H, W) -> (B,), measured on [0, 1]
-    with data range 1: a Gaussian window (11 x 11, sigma 1.5; at most the image side) per channel, no
-    padding, C1 = 0.01^2, C2 = 0.03^2. (The official TokenFlow evaluation passes data range 2.0,
-    which quadruples C1 and C2 for [0, 1] images and so scores higher than the standard definition.)"""
-    if x.device.type == "mps":  # MPS has no float64
-        x, y = x.cpu(), y.cpu()
-    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2  # float64: E[x^2] - E[x]^2 cancels badly in float32
-    window, ch = min(window, x.shape[-1]), x.shape[1]
-    g = torch.exp(-((torch.arange(window, device=x.device, dtype=x.dtype) - (window - 1) / 2) / sigma) ** 2 / 2)
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(ch, 1, window, window)
-
-    def blur(t):  # the local weighted mean of each channel
-        return F.conv2d(t, kernel, groups=ch)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1).float()
-
-
-def frechet_distance(a_ND, b_MD):
-    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D), FID's formula
-    (Heusel et al. 2017): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). tr (S_a S_b)^1/2 is the
-    sum of the square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, which is symmetric PSD: two
-    eigh calls in float64 instead of scipy's sqrtm."""
-    a, b = a_ND.double(), b_MD.double()
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s_a)
-    root_a = (v * w.clamp_min(0).sqrt()) @ v.T  # S_a^1/2
-    m = root_a @ s_b @ root_a
-    cross = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()  # symmetric up to rounding
-    return ((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
-
-
-def linear_probe(x_train, y_train, x_val, y_val, num_classes, steps=100, weight_decay=1e-4):
-    """Multinomial logistic regression on standardised features, trained with full-batch L-BFGS for a
-    fixed budget of steps from zero weights (so it is deterministic) -> held-out accuracy."""
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
-    probe = nn.Linear(x_train.shape[1], num_classes)
-    nn.init.zeros_(probe.weight)
-    nn.init.zeros_(probe.bias)
-    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(probe(x_train), y_train) + weight_decay * probe.weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return (probe(x_val).argmax(1) == y_val).float().mean().item()
-
-
-@torch.no_grad()
-def evaluate_tokenizer(tokenizer, teacher, loader, device, dtype="float32", reduce=lambda t: t, grid_png=None):
-    """Held-out PSNR and SSIM, codebook usage and perplexity (over all tokens, and per scale: a scale
-    of side s can hit at most images * s^2 codes), semantic cosine to the teacher and, with a toy
-    teacher, how often it classifies the reconstructions right (recon_acc). The tokens go through
-    the real path (encode -> ids -> decode). reduce sums a tensor over ranks (train.py's all_sum
-    under torchrun, each rank with its share of the loader). grid_png (None: no image) shows the first
-    two held-out images of each class (at most 16 classes) above their reconstructions."""
-    tokenizer.eval()
-    cfg, has_sem, has_head = tokenizer.cfg, tokenizer.sem_dec is not None, teacher.head is not None
-    sums = dict.fromkeys(["images", "psnr", "ssim", "sem_cos", "recon_acc"], 0.0)
-    counts = torch.zeros(len(cfg.scales), cfg.codebook_size, device=device)  # code histogram per scale
-    shown = {}  # class -> [(image, reconstruction)] for the grid
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast_ctx(device, dtype):
-            idx = tokenizer.encode(x)
-            f_hat = tokenizer.indices_to_features(idx)
-            x_rec = tokenizer.pixel_decode(f_hat).clamp(-1, 1)
-            if has_sem:
-                sem = tokenizer.semantic_decode(f_hat).float()
-                sums["sem_cos"] += F.cosine_similarity(sem, teacher.features(x).float(), dim=-1).mean(1).sum().item()
-            if has_head:
-                sums["recon_acc"] += (teacher(x_rec).argmax(1) == y).sum().item()
-        if grid_png:
-            keep_class_examples(shown, y.cpu(), x.cpu(), x_rec.float().cpu())
-        sums["images"] += len(x)
-        sums["psnr"] += tf.psnr(x_rec, x).clamp_max(100).sum().item()  # an exact copy is inf dB: keep the mean finite
-        sums["ssim"] += ssim(x_rec, x).sum().item()
-        for k, ids in enumerate(idx.split([s * s for s in cfg.scales], dim=1)):
-            counts[k] += torch.bincount(ids.flatten(), minlength=cfg.codebook_size)
-    if grid_png:
-        save_grid(class_rows(shown), grid_png)
-    totals = dict(zip(sums, reduce(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
-    counts = reduce(counts)
-    usage, perplexity = tf.codebook_usage(counts.sum(0))
-    per_scale = [tf.codebook_usage(c) for c in counts]
-    kept = ["psnr", "ssim"] + ["sem_cos"] * has_sem + ["recon_acc"] * has_head
-    return {**{k: totals[k] / totals["images"] for k in kept}, "usage": usage.item(), "perplexity": perplexity.item(),
-            "usage_per_scale": [round(u.item(), 4) for u, _ in per_scale],
-            "perplexity_per_scale": [round(p.item(), 2) for _, p in per_scale]}
-
-
-@torch.no_grad()
-def evaluate_teacher(teacher, loader, device, dtype="float32", reduce=lambda t: t):
-    """The teacher's held-out class accuracy -> {"acc": ...}; reduce sums over ranks."""
-    teacher.eval()
-    correct = seen = 0
-    for x, y in loader:
-        with autocast_ctx(device, dtype):
-            correct += (teacher(x.to(device)).argmax(1).cpu() == y).sum().item()
-        seen += len(y)
-    correct, seen = reduce(torch.tensor([correct, seen], dtype=torch.float64)).tolist()
-    return {"acc": correct / seen}
-
-
-@torch.no_grad()
-def reconstructions(tokenizer, loader, device, dtype="float32"):
-    """Every image of a loader through encode -> ids -> decode -> (images, reconstructions, labels),
-    on the CPU, images in [-1, 1]."""
-    tokenizer.eval()
-    xs, recs, ys = [], [], []
-    for x, y in loader:
-        with autocast_ctx(device, dtype):
-            recs.append(tokenizer.decode(tokenizer.encode(x.to(device))).float().clamp(-1, 1).cpu())
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(recs), torch.cat(ys)
-
-
-@torch.no_grad()
-def evaluate_judge(judge, tokenizer, loader, device, dtype="float32", reduce=lambda t: t):
-    """The judge on held-out images (acc) and on their reconstructions (recon_class_acc: the most a
-    generator can score through this tokenizer's decoder); reduce sums over ranks."""
-    judge.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # right on the images, right on the reconstructions, images
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast_ctx(device, dtype):
-            x_rec = tokenizer.decode(tokenizer.encode(x)).clamp(-1, 1)
-            sums += torch.tensor([(judge(x).argmax(1) == y).sum().item(), (judge(x_rec).argmax(1) == y).sum().item(),
-                                  len(y)], dtype=torch.float64)
-    right, right_rec, n = reduce(sums).tolist()
-    return {"acc": right / n, "recon_class_acc": right_rec / n}
-
-
-@torch.no_grad()
-def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
-    """Held-out next-token loss (nats) and token accuracy, overall and per scale, of a GPT on a loader
-    of (ids (B, L), labels (B,)); reduce sums over ranks."""
-    gpt.eval()
-    S, level = len(gpt.scales), gpt.level.cpu()
-    loss, hits, counts = (torch.zeros(n, dtype=torch.float64) for n in (1, S, S))  # sums
-    for idx, y in loader:
-        idx, y = idx.to(device), y.to(device)
-        with autocast_ctx(device, dtype):
-            logits = gpt(idx, y)  # (B, L, K)
-        loss += F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten(), reduction="sum").item()
-        correct = (logits.argmax(-1) == idx).double().sum(0).cpu()  # (L,)
-        hits.index_add_(0, level, correct)
-        counts.index_add_(0, level, torch.full_like(correct, len(idx)))
-    loss, hits, counts = reduce(torch.cat([loss, hits, counts])).split([1, S, S])
-    return {"loss": (loss / counts.sum()).item(), "acc": (hits.sum() / counts.sum()).item(),
-            "acc_per_scale": [round(a, 4) for a in (hits / counts).tolist()]}
-
-
-@torch.no_grad()
-def score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype="float32", shapes=False,
-                    **options):
-    """Samples for labels (N,) (generated_batches, options as GPT.generate's) scored -> (row, mean-pooled
-    teacher features (N, T), judge features (N, F) or None). row: class_acc, how often the judge
-    reads the requested class in the image (and class_acc_per_class); teacher_class_acc, the same
-    for the toy teacher; sem_class_acc, the teacher's head on the semantic features decoded from
-    the same ids (do the ids carry the class?); on shapes, colours: colour_coverage of the samples."""
-    right, feats, judged, colours = {}, [], [], []
-    for y, ids, x in generated_batches(gpt, tokenizer, labels, batch_size, seed, device, dtype, **options):
-        f = teacher.features(x).float().mean(1)  # (b, T)
-        feats.append(f.cpu())
-        heads = {}
-        if judge is not None:  # (in eval mode: its callers load it so)
-            j = judge.features(x).float()  # (b, F)
-            judged.append(j.cpu())
-            heads["class_acc"] = judge.head(j)
-        if teacher.head is not None:
-            heads["teacher_class_acc"] = teacher.head(f)
-            if tokenizer.sem_dec is not None:
-                heads["sem_class_acc"] = teacher.head(tokenizer.semantic_features(ids).float().mean(1))
-        for name, logits in heads.items():
-            right.setdefault(name, []).append((logits.argmax(1) == y).cpu())
-        if shapes:
-            colours.append(foreground_colours(x.cpu()))
-    right, labels = {k: torch.cat(v).float() for k, v in right.items()}, labels.cpu()
-    row = {k: v.mean().item() for k, v in right.items()}
-    if judge is not None:
-        row["class_acc_per_class"] = [round(right["class_acc"][labels == c].mean().item(), 4)
-                                      for c in labels.unique().tolist()]
-    if shapes:
-        row["colours"] = colour_coverage(torch.cat(colours), labels)
-    return row, torch.cat(feats), torch.cat(judged) if judged else None
-
-
-def generated_row(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype="float32", shapes=False,
-                  recon_class_acc=None):
-    """The training run's last row: score_generated at the default guidance and at 0 (keys with the
-    suffix _cfg0), beside recon_class_acc (the judge's ceiling through this decoder) when given."""
-    row = {"cfg": DEFAULT_CFG_SCALE, "images": len(labels),
-           **({"recon_class_acc": recon_class_acc} if recon_class_acc is not None else {})}
-    for cfg_scale in (DEFAULT_CFG_SCALE, 0.0):
-        scores, _, _ = score_generated(gpt, tokenizer, teacher, judge, labels, batch_size, seed, device, dtype,
-                                       shapes=shapes, cfg_scale=cfg_scale)
-        row.update({k if cfg_scale == DEFAULT_CFG_SCALE else f"{k}_cfg0": v for k, v in scores.items()
-                    if cfg_scale == DEFAULT_CFG_SCALE or k != "class_acc_per_class"})
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
-# Features: generated images, the teacher's view, the probe's inputs
-
-
-@torch.no_grad()
-def generated_batches(gpt, tokenizer, labels, batch_size, seed, device, dtype, **options):
-    """Sample ids for labels (N,) in batches from one seeded generator -> yields (labels (b,),
-    ids (b, L), images (b, 3, H, W) in [-1, 1])."""
-    g = torch.Generator(device).manual_seed(seed)
-    for y in labels.to(device).split(batch_size):
-        with autocast_ctx(device, dtype):
-            ids = gpt.generate(y, generator=g, **options)
-            x = tokenizer.decode(ids).float()
-        yield y, ids, x
-
-
-@torch.no_grad()
-def code_features(tokenizer, teacher, dataset, pool, batch_size, device, dtype):
-    """The probe's inputs for every image of a dataset -> ({kind: (N, d)}, labels (N,)). Kinds: the
-    semantic and the pixel half of the quantized codes (ids -> codes, the real path), both together,
-    and the continuous teacher features; each (B, d, n, n) map mean-pooled over the grid
-    (pool 'mean') or flattened, position by position (pool 'grid')."""
-    sem_dim, pix_dim, n = tokenizer.cfg.sem_dim, tokenizer.cfg.pix_dim, tokenizer.cfg.grid
-    flat = (lambda f: f.mean((2, 3))) if pool == "mean" else (lambda f: f.flatten(1))
-    feats, labels = {}, []
-    for x, y in eval_loader(dataset, batch_size):
-        x = x.to(device)
-        with autocast_ctx(device, dtype):
-            f = tokenizer.indices_to_features(tokenizer.encode(x)).float()  # (B, C, n, n)
-            t = teacher.features(x).float().transpose(1, 2).unflatten(2, (n, n))  # (B, T, n, n)
-        kinds = {"semantic": f[:, :sem_dim] if sem_dim else None, "pixel": f[:, sem_dim:] if pix_dim else None,
-                 "both": f if sem_dim and pix_dim else None, "teacher": t}
-        for kind, v in kinds.items():
-            if v is not None:
-                feats.setdefault(kind, []).append(flat(v).cpu())
-        labels.append(y)
-    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +100,7 @@ def parser():
                    "train.py --teacher (default: the tokenizer's)")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the tokenizer's (its checkpoint says)")
     p.add_argument("--data-path", default=None, help="root of a folder dataset (default: the tokenizer's)")
-    p.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images for eval and probe")
+    p.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images for eval, probe and neighbours")
     p.add_argument("--num-images", type=int, default=None, help="generated images for eval (default: "
                    "--eval-images) and export (default: 50,000); real held-out images for export --ref")
     p.add_argument("--probe-images", type=int, default=4096, help="training images the probes fit")
@@ -531,31 +262,17 @@ def probe(run):
     return rows
 
 
-def nearest_neighbours(feats_ND, k):
-    """The k rows most cosine-similar to each row, among the other rows -> (N, k) indices, nearest
-    first; a row is never its own neighbour."""
-    u = F.normalize(feats_ND.float(), dim=1)
-    sims = u @ u.T  # (N, N)
-    sims.fill_diagonal_(-float("inf"))
-    return sims.topk(k, dim=1).indices
-
-
-def precision_at_k(neighbours_Nk, labels_N):
-    """The fraction of the neighbours that share their query's label, over all queries."""
-    return (labels_N[neighbours_Nk] == labels_N[:, None]).float().mean().item()
-
-
 def neighbours(run):
     """What each half of a shared id knows: every held-out image's --k nearest held-out images by the
     semantic half of its codes and by the pixel half (code_features, cosine similarity) -> one row:
     precision@k of the same class and, on shapes, the same colour; and a picture: for the first
     image of each class (at most 8), the query | its semantic neighbours | its pixel neighbours."""
-    a, teacher = run.args, run.teacher()
+    a = run.args
     val = run.data("val", a.eval_images)
     if a.k >= len(val):
         raise ValueError(f"--k {a.k} needs more held-out images than that; the split has {len(val)}: lower --k "
                          "or raise --eval-images")
-    feats, y = code_features(run.tokenizer, teacher, val, a.pool, a.batch_size, a.device, a.dtype)
+    feats, y = code_features(run.tokenizer, None, val, a.pool, a.batch_size, a.device, a.dtype)
     targets = {"class": y}
     if isinstance(val, ShapesDataset):  # appearance, drawn independently of the class
         targets["colour"] = val.params(range(len(val)))["colour"].long()

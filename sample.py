@@ -19,9 +19,9 @@ import os
 import numpy as np
 import torch
 
-import tokenflow as tf
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
 from data.folders import load_images
+from metrics import psnr
 from utils.checkpoints import load_model
 from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
                        check_output_file, listing, parse_refine, run_script)
@@ -137,7 +137,7 @@ def reconstruct(args, ckpt, tokenizer, out):
     else:  # two held-out images of each class (at most 16), as train.py shows
         x, names = held_out_examples(args, ckpt, tokenizer, per_class=2)
     x_rec = tokenizer.decode(tokenizer.encode(x.to(args.device)))
-    for name, db in zip(names, tf.psnr(x_rec, x.to(args.device)).tolist()):
+    for name, db in zip(names, psnr(x_rec, x.to(args.device)).tolist()):
         print(f"{db:6.2f} dB  {name}")
     save_grid([x, x_rec], out)
     print(f"wrote {out}: originals above, reconstructions below")
@@ -153,19 +153,21 @@ def coarse_to_fine(tokenizer, ids_BL):
 
 def scales(args, ckpt, tokenizer, out):
     """One row per image, one column per scale: held-out images (encoded, the original last), then with
-    OUT_DIR/gpt.pt one generated sample per class (at most 16)."""
+    OUT_DIR/gpt.pt one generated sample per class of --classes (default: the first 16)."""
     x, names = held_out_examples(args, ckpt, tokenizer, per_class=1, max_classes=4)
     x = x.to(args.device)
     rows = torch.cat([coarse_to_fine(tokenizer, tokenizer.encode(x)), x[:, None]], 1)  # (b, S + 1, 3, H, W)
     gpt_path = os.path.join(args.out_dir, "gpt.pt")
     if os.path.exists(gpt_path):
         gpt, gpt_ckpt = load_model(gpt_path, "gpt", tokenizer)
-        labels = torch.arange(min(gpt.cfg.num_classes, 16), device=args.device)
+        classes = class_ids(args.classes or [], gpt_ckpt.get("classes"), gpt.cfg.num_classes, gpt_path)
+        labels = torch.tensor(classes or range(min(gpt.cfg.num_classes, 16)), device=args.device)
         ids = gpt.to(args.device).eval().generate(labels, generator=torch.Generator(args.device).manual_seed(args.seed),
                                                   **sampling_options(args))
         generated = coarse_to_fine(tokenizer, ids)
         rows = torch.cat([rows, torch.cat([generated, torch.ones_like(generated[:, :1])], 1)])  # no original: white
-        names += [f"generated {(gpt_ckpt.get('classes') or range(len(labels)))[c]}" for c in labels.tolist()]
+        known = gpt_ckpt.get("classes") or []
+        names += [f"generated {known[c] if c < len(known) else c}" for c in labels.tolist()]
     header = [f"{s}x{s}" for s in tokenizer.cfg.scales] + ["original"]
     save_grid(list(rows), out, header=header)
     print(f"wrote {out}: one row per image ({', '.join(names)}); columns: scales {', '.join(header)}")

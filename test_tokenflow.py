@@ -78,15 +78,18 @@ from PIL import Image
 
 import data
 import evaluate
+import metrics
 import sample
 import tokenflow as tf
 import train
 import utils.checkpoints
 import utils.cli
+import utils.train_state
 import utils.weights
 from data import device_batches, fashion_mnist
 from data.folders import FolderDataset, read_rgb
-from data.shapes import PALETTE, ShapesDataset, colour_coverage, foreground_colours
+from data.shapes import ShapesDataset
+from metrics import colour_coverage, foreground_colours
 from utils.checkpoints import config_diff, load_checkpoint, load_model, save_checkpoint, tokenizer_id
 from utils.grids import class_rows, keep_class_examples, to_uint8
 
@@ -324,7 +327,7 @@ def test_usage_perplexity_and_psnr_on_known_values():
     usage, ppl = tf.codebook_usage(torch.bincount(torch.arange(8).repeat(3), minlength=16))  # 8 of 16 codes, uniformly
     assert usage.item() == 0.5 and abs(ppl.item() - 8) < 1e-4
     x = torch.zeros(2, 3, 4, 4)
-    assert torch.allclose(tf.psnr(x + 0.2, x), torch.full((2,), 20.0))  # [0,1] error 0.1 -> 20 dB
+    assert torch.allclose(metrics.psnr(x + 0.2, x), torch.full((2,), 20.0))  # [0,1] error 0.1 -> 20 dB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def test_channels_last_pixel_cnn_is_the_contiguous_one(dtype, tol):
     x = images(2)
 
     def run(enc, dec):
-        with evaluate.autocast_ctx("cpu", dtype):
+        with metrics.autocast_ctx("cpu", dtype):
             z = enc(x)
             y = dec(z)
         grads = torch.autograd.grad(y.float().square().mean(), [*enc.parameters(), *dec.parameters()])
@@ -1231,7 +1234,7 @@ def test_judge_scores_images_and_reconstructions():
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     x = -torch.ones(8, 3, 4, 4)
     x[torch.arange(8), labels] = 1.0  # class = the bright channel
-    rows = evaluate.evaluate_judge(BrightestChannel(), ChannelShift(), [(x[:4], labels[:4]), (x[4:], labels[4:])], "cpu")
+    rows = metrics.evaluate_judge(BrightestChannel(), ChannelShift(), [(x[:4], labels[:4]), (x[4:], labels[4:])], "cpu")
     assert rows == {"acc": 1.0, "recon_class_acc": 0.5}  # each batch's first half is misread after the shift
 
 
@@ -1607,13 +1610,13 @@ def test_resume_mid_run_continues_with_the_same_batches(tmp_path, monkeypatch):
 
 def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
     model = torch.nn.Linear(2, 1)
-    ema = utils.checkpoints.EMA(model, decay=0.5)
+    ema = utils.train_state.EMA(model, decay=0.5)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model, step=100)  # min(0.5, 101/110) = 0.5
     assert torch.allclose(ema.weights["weight"], start + 0.5)
-    run = utils.checkpoints.TrainState(model, None, None, ema, "cpu", path=None, save_fn=None)
+    run = utils.train_state.TrainState(model, None, None, ema, "cpu", path=None, save_fn=None)
     assert torch.allclose(run.evaluate(lambda: model.weight.detach().clone()), start + 0.5)  # evaluated with EMA
     assert torch.allclose(model.weight, start + 1.0)  # raw weights back after the evaluation
     ema.update(model, step=0)  # warm-up: decay min(0.5, 1/10) = 0.1
@@ -1626,7 +1629,7 @@ def test_ema_update_swap_and_what_evaluation_and_load_model_use(tmp_path):
     teacher, _ = load_model(os.path.join(out, "teacher.pt"), "teacher")
     assert torch.equal(teacher.head.weight, ckpt["ema"]["head.weight"])
     val = data.make_dataset("shapes", None, "val", teacher.cfg.image_size, size=64)
-    assert evaluate.evaluate_teacher(teacher, data.eval_loader(val, 256), "cpu")["acc"] == row["teacher"]["acc"]
+    assert metrics.evaluate_teacher(teacher, data.eval_loader(val, 256), "cpu")["acc"] == row["teacher"]["acc"]
 
 
 @pytest.mark.parametrize("decoder", ["same", "other"])
@@ -1993,13 +1996,13 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
 
 def test_psnr_and_ssim_of_identical_and_known_pairs():
     x = images(3, 16)
-    assert torch.isinf(tf.psnr(x, x)).all() and torch.allclose(evaluate.ssim(x, x), torch.ones(3), atol=1e-5)
+    assert torch.isinf(metrics.psnr(x, x)).all() and torch.allclose(metrics.ssim(x, x), torch.ones(3), atol=1e-5)
     # constant images 0.5 and 0.75 on [0, 1]: MSE 1/16 -> 10 log10(16) dB; SSIM's structure term is
     # C2 / C2 = 1, so SSIM is the luminance term (2ab + C1) / (a^2 + b^2 + C1)
     a, b = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.5)
-    assert abs(tf.psnr(a, b).item() - 10 * math.log10(16)) < 1e-4
+    assert abs(metrics.psnr(a, b).item() - 10 * math.log10(16)) < 1e-4
     c1 = 0.01**2
-    assert abs(evaluate.ssim(a, b).item() - (2 * 0.5 * 0.75 + c1) / (0.5**2 + 0.75**2 + c1)) < 1e-6
+    assert abs(metrics.ssim(a, b).item() - (2 * 0.5 * 0.75 + c1) / (0.5**2 + 0.75**2 + c1)) < 1e-6
     # an 11 x 11 image is one window: SSIM from Gaussian-weighted statistics computed here in float64
     x, y = torch.rand(1, 1, 11, 11, dtype=torch.float64), torch.rand(1, 1, 11, 11, dtype=torch.float64)
     g = torch.exp(-((torch.arange(11) - 5.0) / 1.5) ** 2 / 2).double()
@@ -2007,23 +2010,23 @@ def test_psnr_and_ssim_of_identical_and_known_pairs():
     mx, my = (w * x).sum(), (w * y).sum()
     vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
     want = (2 * mx * my + c1) * (2 * cxy + 0.03**2) / ((mx**2 + my**2 + c1) * (vx + vy + 0.03**2))
-    assert abs(evaluate.ssim(x * 2 - 1, y * 2 - 1).item() - want.item()) < 1e-5
+    assert abs(metrics.ssim(x * 2 - 1, y * 2 - 1).item() - want.item()) < 1e-5
     # more noise, lower scores
     clean = images(2, 16)
     noisy = [(clean + s * torch.randn_like(clean)).clamp(-1, 1) for s in (0.05, 0.2, 0.5)]
-    assert (evaluate.ssim(noisy[0], clean) > evaluate.ssim(noisy[1], clean)).all()
-    assert (tf.psnr(noisy[1], clean) > tf.psnr(noisy[2], clean)).all()
+    assert (metrics.ssim(noisy[0], clean) > metrics.ssim(noisy[1], clean)).all()
+    assert (metrics.psnr(noisy[1], clean) > metrics.psnr(noisy[2], clean)).all()
 
 
 def test_frechet_distance_zero_for_the_same_set_and_exact_for_shift_and_scale():
     a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6) + 1.0
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6
     shift = torch.tensor([3.0, 0, -1, 0, 0, 2])
-    assert abs(evaluate.frechet_distance(a, a + shift) - 14.0) < 1e-6  # same covariance: |shift|^2
+    assert abs(metrics.frechet_distance(a, a + shift) - 14.0) < 1e-6  # same covariance: |shift|^2
     # b = 2a: S_b = 4 S_a commutes with S_a, (S_a S_b)^1/2 = 2 S_a -> FD = |mu_a|^2 + tr S_a
     mu, cov = a.double().mean(0), torch.cov(a.double().T)
-    assert abs(evaluate.frechet_distance(a, 2 * a) - (mu.square().sum() + cov.trace()).item()) < 1e-6
-    assert evaluate.frechet_distance(a, a + 0.1) < evaluate.frechet_distance(a, a + 1.0)
+    assert abs(metrics.frechet_distance(a, 2 * a) - (mu.square().sum() + cov.trace()).item()) < 1e-6
+    assert metrics.frechet_distance(a, a + 0.1) < metrics.frechet_distance(a, a + 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2048,7 +2051,7 @@ def test_coarse_to_fine_ends_at_decode_and_column_k_reads_only_scales_up_to_k(ti
 def test_nearest_neighbours_exclude_the_query_and_precision_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     feats, labels, k = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g), 4
-    found = evaluate.nearest_neighbours(feats, k)
+    found = metrics.nearest_neighbours(feats, k)
     assert found.shape == (12, k) and all(i not in found[i].tolist() for i in range(12))
     hits = 0  # brute force: every other row's cosine, sorted
     for i in range(12):
@@ -2056,7 +2059,7 @@ def test_nearest_neighbours_exclude_the_query_and_precision_matches_brute_force(
         nearest = sorted(cos, key=cos.get, reverse=True)[:k]
         assert found[i].tolist() == nearest
         hits += sum(labels[j] == labels[i] for j in nearest)
-    assert evaluate.precision_at_k(found, labels) == pytest.approx(hits / (12 * k))
+    assert metrics.precision_at_k(found, labels) == pytest.approx(hits / (12 * k))
 
 
 def test_scales_and_neighbours_pictures_on_the_toy_run(toy_run, tmp_path):
@@ -2098,12 +2101,12 @@ def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_label
     y_fit, y_val = torch.randint(5, (1000,), generator=g), torch.randint(5, (1000,), generator=g)
     x_fit = centres[y_fit] + torch.randn(1000, 10, generator=g)
     x_val = centres[y_val] + torch.randn(1000, 10, generator=g)
-    assert evaluate.linear_probe(x_fit, y_fit, x_val, y_val, 5) > 0.95
+    assert metrics.linear_probe(x_fit, y_fit, x_val, y_val, 5) > 0.95
     shuffled = y_val[torch.randperm(1000, generator=g)]  # labels unrelated to the features
-    assert abs(evaluate.linear_probe(x_fit, y_fit, x_val, shuffled, 5) - 0.2) < 0.05
+    assert abs(metrics.linear_probe(x_fit, y_fit, x_val, shuffled, 5) - 0.2) < 0.05
     random = torch.randint(10, (2000,), generator=g)  # random labels from the start: chance is 10%
     x = torch.randn(4000, 16, generator=g)
-    assert abs(evaluate.linear_probe(x[:2000], random, x[2000:], torch.randint(10, (2000,), generator=g), 10) - 0.1) < 0.03
+    assert abs(metrics.linear_probe(x[:2000], random, x[2000:], torch.randint(10, (2000,), generator=g), 10) - 0.1) < 0.03
 
 
 @pytest.mark.parametrize("codebook", ["pixel", "semantic"])
@@ -2145,7 +2148,7 @@ def test_eval_probe_and_export_on_the_toy_run(toy_run, tmp_path):
     val, *generated = evaluate.main(["eval", *flags])
     assert val["split"] == "val" and np.isfinite(val["psnr"]) and 0 < val["ssim"] <= 1
     assert len(val["usage_per_scale"]) == len(val["perplexity_per_scale"]) == 5 and 0 < val["usage"] <= 1
-    assert [g["cfg"] for g in generated] == [0.0, evaluate.DEFAULT_CFG_SCALE]
+    assert [g["cfg"] for g in generated] == [0.0, metrics.DEFAULT_CFG_SCALE]
     for g in generated:  # a GPT after 2 steps is far from the real images
         assert g["images"] == 24 and g["fd_teacher"] > g["fd_teacher_real"] > 0
         assert 0 <= g["class_acc"] <= 1 and 0 <= g["sem_class_acc"] <= 1

@@ -17,12 +17,14 @@ Notable choices
 - A GPT generates the shared ids scale by scale (VAR's next-scale prediction): all tokens of scale k at
   once from the cumulative codes of scales < k, under block-causal attention; sampling runs one forward
   per scale through a KV cache, with classifier-free guidance and TokenFlow's multi-step refinement.
+- At toy scale a Judge, a small CNN trained on images and their reconstructions, says which class a
+  generated image shows (train.py's judge stage; evaluate.py's class_acc).
 - Each idea is written in its plain form where it is used; the faster equivalents the code runs
   sit in the last section, Speed variants, each tested equal to its plain form.
 
 Shape letters: B batch, C channels (of a code: sem_dim + pix_dim), H W image side, n token grid
 side, s side of one scale, l = s*s tokens of one scale, L = sum of s*s over scales, N rows fed to
-the quantizer, K codebook size, D transformer width, T teacher feature width.
+the quantizer (in a ViT: its tokens), K codebook size, D transformer width, T teacher feature width.
 
 References
 1) TokenFlow, Qu et al. 2024: https://arxiv.org/abs/2412.03069 ; https://github.com/ByteFlow-AI/TokenFlow
@@ -41,6 +43,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks: CNN parts (VQGAN / LlamaGen) and transformer parts (CLIP-style ViT)
@@ -346,8 +349,8 @@ class DualCodebook(nn.Module):
     def __init__(self, codebook_size, sem_dim, pix_dim, pix_weight=1.0, beta=0.25):
         super().__init__()
         self.pix_weight, self.beta = pix_weight, beta
-        self.sem = nn.Parameter(F.normalize(torch.randn(codebook_size, sem_dim), dim=1))  # (K, 32)
-        self.pix = nn.Parameter(F.normalize(torch.randn(codebook_size, pix_dim), dim=1))  # (K, 8)
+        self.sem = nn.Parameter(F.normalize(torch.randn(codebook_size, sem_dim), dim=1))  # (K, sem_dim)
+        self.pix = nn.Parameter(F.normalize(torch.randn(codebook_size, pix_dim), dim=1))  # (K, pix_dim)
 
     def lookup(self, idx):
         """idx (...) long -> unit codes (..., sem_dim + pix_dim); only the rows used are normalised."""
@@ -379,12 +382,6 @@ def codebook_usage(counts):
     """A code histogram (K,) -> (fraction of the K codes hit at least once, its perplexity)."""
     p = counts.float() / counts.sum()
     return (p > 0).float().mean(), torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-
-
-def psnr(x, y):
-    """Per-image PSNR in dB of [-1, 1] images (B, 3, H, W) -> (B,), measured on [0, 1] with data
-    range 1 (inf if identical)."""
-    return -10 * torch.log10(((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,6 +763,72 @@ def gpt_loss(logits_BLK, idx_BL):
     """Next-scale prediction's loss: cross-entropy of every token given the scales before it."""
     return F.cross_entropy(logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
 
+
+# ---------------------------------------------------------------------------------------------
+# Losses of the real-scale recipe: LPIPS and a PatchGAN discriminator with hinge losses (VQGAN's)
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
+    features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
+    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,); weights:
+    load_lpips in utils/weights.py, beside the CLIP loader."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)  # the indices of torchvision's vgg16().features
+        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))  # LPIPS's input
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))  # normalisation
+        self.requires_grad_(False)
+
+    def forward(self, x, y):
+        h, dist, lins = (torch.cat([x, y]) - self.shift) / self.scale, 0, iter(self.lins)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = f.chunk(2)
+                dist = dist + next(lins)((fx - fy) ** 2).mean((2, 3))
+        return dist.flatten()  # (B,)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as VQGAN uses it: 4x4 convs, three of stride 2 (BatchNorm after the
+    second and third) and one of stride 1 with BatchNorm, each followed by LeakyReLU(0.2), then a 4x4
+    conv to one real/fake logit per patch: (B, 3, H, W) -> (B, 1, h, w)."""
+
+    def __init__(self, ch=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
+            c = c_out
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss (VQGAN); the generator's term is -mean(logits_fake)."""
+    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer):
+    """VQGAN's balance (Esser et al. 2021, eq. 7): ||grad rec|| / ||grad g|| at the decoder's last layer."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # The judge: the classifier that scores generated images on a labelled toy dataset
 
@@ -793,70 +856,6 @@ class Judge(nn.Module):
 
     def forward(self, x_B3HW):
         return self.head(self.body(x_B3HW))  # (B, num_classes + none_class) logits
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses of the real-scale recipe: LPIPS and a PatchGAN discriminator with hinge losses (VQGAN's)
-
-
-class LPIPS(nn.Module):
-    """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
-    features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
-    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,); weights:
-    load_lpips, beside the CLIP loader."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
-            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-            c = c if v == "M" else v
-        self.features = nn.Sequential(*layers)  # the indices of torchvision's vgg16().features
-        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))  # LPIPS's input
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))  # normalisation
-        self.requires_grad_(False)
-
-    def forward(self, x, y):
-        h, dist, lins = (torch.cat([x, y]) - self.shift) / self.scale, 0, iter(self.lins)
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fx, fy = f.chunk(2)
-                dist = dist + next(lins)((fx - fy) ** 2).mean((2, 3))
-        return dist.flatten()  # (B,)
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (Isola et al. 2017) as VQGAN uses it: 4x4 convs, three stride-2 with BatchNorm and
-    LeakyReLU(0.2) -> one real/fake logit per patch (B, 1, h, w)."""
-
-    def __init__(self, ch=64, n_layers=3):
-        super().__init__()
-        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
-        for i in range(1, n_layers + 1):
-            c_out = ch * min(2 ** i, 8)
-            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.LeakyReLU(0.2)]
-            c = c_out
-        self.net = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def hinge_d_loss(logits_real, logits_fake):
-    """The discriminator's hinge loss (VQGAN); the generator's term is -mean(logits_fake)."""
-    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
-
-
-def adaptive_weight(rec_loss, g_loss, last_layer):
-    """VQGAN's balance (Esser et al. 2021, eq. 7): ||grad rec|| / ||grad g|| at the decoder's last layer."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 # ---------------------------------------------------------------------------------------------

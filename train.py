@@ -6,8 +6,8 @@ scores generated images), then the next-scale GPT.
     python train.py --stage gpt          # one stage, reading earlier stages' checkpoints from out/
     python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
 
-Read top to bottom: the four stages with their losses, the one training loop they share; then the
-per-stage defaults, small helpers, the command line and main. A stage's checkpoint holds all it
+Read top to bottom: the one training loop, then the four stages with their losses that run it; then
+the PatchGAN's parts, per-stage defaults, small helpers, the command line and main. A stage's checkpoint holds all it
 needs (config, weights, optimiser, args): sample.py, evaluate.py and later stages rebuild models
 from it alone. Under torchrun every process runs this file; rank 0 logs and writes. The plumbing
 (checkpoint files and resume, signals, DDP, flag checks, weight files) is utils/'s.
@@ -30,16 +30,112 @@ from tqdm import tqdm
 import tokenflow as tf
 from data import DATASETS, EVAL_IMAGES, describe, device_batches, eval_loader, make_dataset, resolve_data_path
 from data.shapes import ShapesDataset
-from evaluate import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
-                      generated_row, reconstructions)
-from utils.checkpoints import (EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState, check_resumable_on, config_diff,
-                               load_checkpoint, load_model, matching_weights, save_checkpoint, tokenizer_id)
+from metrics import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer, generated_row,
+                     reconstructions)
+from utils.checkpoints import (check_resumable_on, config_diff, load_checkpoint, load_model, matching_weights,
+                               save_checkpoint, tokenizer_id)
 from utils.cli import SEED, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype, run_script
-from utils import distributed
-from utils.distributed import all_mean, all_sum, main_first, rank_and_world_size, rank_share, wrap
+from utils.distributed import (all_mean, all_sum, destroy_distributed, init_distributed, main_first, rank_and_world_size,
+                               rank_share, wrap)
 from utils.grids import save_grid
 from utils.token_files import cached_tokens
+from utils.train_state import EMA, BadSteps, Interrupt, NonFiniteLoss, TrainState
 from utils.weights import load_lpips, load_teacher, teacher_path
+
+# ---------------------------------------------------------------------------------------------
+# The training loop every stage shares
+
+
+def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn, weight_decay=0.0, gan=None):
+    """lr -> every --eval-interval steps: evaluate + checkpoint -> forward/backward over the
+    micro-batches -> clip -> step (and one discriminator step with gan) -> EMA -> one log line. model
+    is the raw module (saved, evaluated), net what loss_fn calls (compiled / DDP); loss_fn(x, y, step)
+    -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, state) saves the model with the loop's
+    state into OUT_DIR/<stage>.pt."""
+    hp = stage_hparams(args, stage)
+    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.95), weight_decay=weight_decay,
+                            fused=args.device.startswith("cuda"))  # betas as TokenFlow
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
+    run = TrainState(model, opt, scaler, EMA(model, hp["ema"]) if hp["ema"] > 0 else None, args.device,
+                     os.path.join(args.out_dir, f"{stage}.pt"), save_fn, args.rank == 0, lambda text: log(args, text))
+    first = step = run.resume(stage) if args.resume else 0
+    faults = BadSteps(stage, lambda text: log(args, text))
+    batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, rank=args.rank,
+                             world_size=args.world_size, device=args.device, num_workers=args.num_workers,
+                             overfit=args.overfit_batch, start=step * args.grad_accum, log=lambda text: log(args, text))
+    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step or args.rank != 0)
+    t0 = time.time()
+    with Interrupt() as interrupt:
+        for step in bar:
+            lr = get_lr(step, hp["iters"], hp["lr"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if step > first and step % args.eval_interval == 0:  # (a resumed run has this row and file)
+                log_metrics(args, {"stage": stage, "step": step, "split": "val", **run.evaluate(eval_fn)})
+                run.save(step, faults)
+            model.train()
+            loss, stats, finite = accumulate(args, net, batches, loss_fn, step, scaler)
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
+            finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
+            shown, bad, stop = agree(args, {"loss": loss.item(), **stats}, finite, interrupt)
+            if bad:  # skip the update: every rank agrees, so the weights stay the same everywhere
+                faults.skip(step, run.where())
+            else:
+                scaler.step(opt)
+                faults.ok()
+            if gan is not None:
+                gan.step(scaler, skip=bad)  # one discriminator step per generator step
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if run.ema and not bad:
+                run.ema.update(model, step)
+            bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
+            if stop:  # a signal on some rank: the row and the checkpoint a resume needs, then exit
+                if (step + 1) % args.eval_interval == 0 and step + 1 < hp["iters"]:
+                    log_metrics(args, {"stage": stage, "step": step + 1, "split": "val", **run.evaluate(eval_fn)})
+                interrupt.exit_after_signal(stage, step + 1, run.save(step + 1, faults), lambda text: log(args, text))
+    row = {"stage": stage, "step": hp["iters"], "split": "val", **run.evaluate(eval_fn),
+           "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
+    log_metrics(args, row)
+    run.save(hp["iters"])
+    if run.ema:
+        model.load_state_dict(run.ema.weights)  # what later stages and sampling use, as load_model does
+    return row
+
+
+def accumulate(args, net, batches, loss_fn, step, scaler):
+    """Forward + backward of --grad-accum micro-batches -> (last loss, its stats, all losses finite?)."""
+    finite = True
+    for i in range(args.grad_accum):
+        x, y = next(batches)
+        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
+        sync = net.no_sync() if args.world_size > 1 and i < args.grad_accum - 1 else nullcontext()
+        with sync:
+            with autocast_ctx(args.device, args.dtype):
+                loss, stats = loss_fn(x, y, step)
+            finite = finite and bool(torch.isfinite(loss))
+            scaler.scale(loss / args.grad_accum).backward()
+    return loss, stats, finite
+
+
+def agree(args, shown, finite, interrupt):
+    """One all-reduce per step -> (the numbers shown, averaged over ranks; did any rank see a
+    non-finite loss or gradient?; did any rank get a signal?)."""
+    flags = {"bad": not finite, "stop": interrupt.signal is not None}
+    summed = dict(zip([*shown, *flags], all_sum(torch.tensor([*shown.values(), *flags.values()],
+                                                             dtype=torch.float64)).tolist()))
+    return {k: summed[k] / args.world_size for k in shown}, summed["bad"] > 0, summed["stop"] > 0
+
+
+def get_lr(step, iters, peak):
+    """Linear warmup, then cosine decay to peak / 10."""
+    warmup = max(1, int(WARMUP * iters))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, iters - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the toy teacher, a small ViT classifier standing in for CLIP
@@ -71,8 +167,8 @@ def tokenizer_loss(x, x_rec, sem, target, vq, lpips=None, gan=None, last_layer=N
     lpips) + the generator's hinge term (weight gan.weight, with gan) + the semantic loss
     mean(1 - cos(sem, target)) (absent when sem is None, --codebook pixel) + vq. With gan the
     discriminator's hinge loss joins the sum: it reaches only the discriminator's weights (it reads
-    x_rec detached) and the generator's term only the decoder's (the discriminator is frozen for it),
-    so one backward serves both. x, x_rec (B, 3, H, W); sem, target (B, n*n, T)."""
+    x_rec detached) and the generator's term only the tokenizer's (the discriminator is frozen for
+    it), so one backward serves both. x, x_rec (B, 3, H, W); sem, target (B, n*n, T)."""
     rec = F.mse_loss(x_rec, x) + (lpips(x_rec, x).mean() if lpips else 0)
     loss, stats = rec + vq, {"rec": rec.item()}
     if gan is not None:
@@ -88,60 +184,6 @@ def tokenizer_loss(x, x_rec, sem, target, vq, lpips=None, gan=None, last_layer=N
         sem_loss = (1 - F.cosine_similarity(sem, target, dim=-1)).mean()
         loss, stats = loss + sem_loss, {**stats, "sem": sem_loss.item()}
     return loss, stats
-
-
-@dataclass
-class GAN:
-    """The PatchGAN of the pixel loss (VQGAN): discriminator, its loss as DDP runs it, its optimiser."""
-    disc: nn.Module
-    d_loss: nn.Module
-    opt: torch.optim.Optimizer
-    weight: float = 0.5
-    adaptive: bool = False  # scale by VQGAN's ratio of gradient norms (tf.adaptive_weight)
-
-    def state(self):  # what a checkpoint keeps
-        return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt.state_dict()}
-
-    def step(self, scaler, skip=False):
-        """The discriminator's step, on gradients scaled as the generator's were (the scaler skips a
-        non-finite fp16 step), then its gradients cleared; none with skip (the generator's step was
-        skipped), before --disc-start (no gradients) or when they are not finite (all-reduced: every
-        rank agrees)."""
-        grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
-        if grads and not skip:
-            scaler.unscale_(self.opt)
-            if scaler.is_enabled() or all(g.isfinite().all() for g in grads):
-                scaler.step(self.opt)
-        self.opt.zero_grad(set_to_none=True)
-
-
-class DiscriminatorLoss(nn.Module):  # the hinge loss on a real and a fake batch, one forward for DDP
-    def __init__(self, disc):
-        super().__init__()
-        self.disc = disc
-
-    def forward(self, real, fake):
-        return tf.hinge_d_loss(self.disc(real), self.disc(fake))
-
-
-def pixel_losses(args, iters, lr, path):
-    """LPIPS (with --lpips-weights) and, for a run that reaches --disc-start, the GAN (resumed from
-    path with the stage) -> (lpips or None, gan or None)."""
-    with main_first(args.rank):  # one download, not one per rank
-        lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
-    log(args, f"{os.path.basename(path)[:-3]}: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
-              f"PatchGAN from step {args.disc_start}")
-    if args.disc_start >= iters:  # only a run that reaches the GAN builds (and saves) the discriminator
-        return lpips, None
-    with torch.random.fork_rng(devices=[]):  # its init leaves the training RNG (scale drop) as it was
-        disc = tf.PatchDiscriminator().to(args.device)
-    gan = GAN(disc, wrap(DiscriminatorLoss(disc), args.device, args.world_size),
-              torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),  # VQGAN's discriminator betas
-              args.disc_weight, args.adaptive_disc_weight)
-    if args.resume and os.path.exists(path) and "disc" in (ckpt := load_checkpoint(path, "tokenizer")):
-        disc.load_state_dict(matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
-        gan.opt.load_state_dict(ckpt["disc_optimizer"])
-    return lpips, gan
 
 
 def train_tokenizer(args, cfg):
@@ -258,23 +300,6 @@ def train_judge(args, cfg):
                       save_fn, weight_decay=0.05)
 
 
-def token_file(args, tokenizer, split):
-    """A split tokenized once into OUT_DIR/tokens/ (utils/token_files.py), reused while the tokenizer's
-    encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
-    data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
-    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
-            "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
-            "dtype": args.dtype}  # (classes: a label is an index into them)
-
-    def encode(x):  # (b, 3, H, W) -> ids (b, L) on the CPU
-        with torch.no_grad(), autocast_ctx(args.device, args.dtype):
-            return tokenizer.encode(x.to(args.device)).cpu()
-
-    tokenizer.eval()
-    return cached_tokens(data, encode, os.path.join(args.out_dir, "tokens", split), meta, tokenizer.cfg.codebook_size,
-                         args.rank, args.world_size, show=args.rank == 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Stage 4: the next-scale GPT, on the tokenizer's ids
 
@@ -322,98 +347,61 @@ def train_gpt(args, tok_cfg, gpt_cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop every stage shares
+# The PatchGAN's parts: the discriminator, its loss as DDP runs it, its optimiser and its step
 
 
-def train_loop(args, stage, model, net, params, data, loss_fn, eval_fn, save_fn, weight_decay=0.0, gan=None):
-    """lr -> every --eval-interval steps: evaluate + checkpoint -> forward/backward over the
-    micro-batches -> clip -> step (and one discriminator step with gan) -> EMA -> one log line. model
-    is the raw module (saved, evaluated), net what loss_fn calls (compiled / DDP); loss_fn(x, y, step)
-    -> (loss, dict of floats); eval_fn() -> dict; save_fn(step, state) saves the model with the loop's
-    state into OUT_DIR/<stage>.pt."""
-    hp = stage_hparams(args, stage)
-    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(0.9, 0.95), weight_decay=weight_decay,
-                            fused=args.device.startswith("cuda"))  # betas as TokenFlow
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "float16")  # fp16 only
-    run = TrainState(model, opt, scaler, EMA(model, hp["ema"]) if hp["ema"] > 0 else None, args.device,
-                     os.path.join(args.out_dir, f"{stage}.pt"), save_fn, args.rank == 0, lambda text: log(args, text))
-    first = step = run.resume(stage) if args.resume else 0
-    faults = BadSteps(stage, lambda text: log(args, text))
-    batches = device_batches(data, hp["batch_size"] // (args.world_size * args.grad_accum), args.seed, rank=args.rank,
-                             world_size=args.world_size, device=args.device, num_workers=args.num_workers,
-                             overfit=args.overfit_batch, start=step * args.grad_accum, log=lambda text: log(args, text))
-    bar = tqdm(range(step, hp["iters"]), desc=stage, dynamic_ncols=True, disable=hp["iters"] == step or args.rank != 0)
-    t0 = time.time()
-    with Interrupt() as interrupt:
-        for step in bar:
-            lr = get_lr(step, hp["iters"], hp["lr"])
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if step > first and step % args.eval_interval == 0:  # (a resumed run has this row and file)
-                log_metrics(args, {"stage": stage, "step": step, "split": "val", **run.evaluate(eval_fn)})
-                run.save(step, faults)
-            model.train()
-            loss, stats, finite = accumulate(args, net, batches, loss_fn, step, scaler)
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # as TokenFlow: clip at 1.0
-            finite = finite and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))  # fp16: the scaler's job
-            shown, bad, stop = agree(args, {"loss": loss.item(), **stats}, finite, interrupt)
-            if bad:  # skip the update: every rank agrees, so the weights stay the same everywhere
-                faults.skip(step, run.where())
-            else:
-                scaler.step(opt)
-                faults.ok()
-            if gan is not None:
-                gan.step(scaler, skip=bad)  # one discriminator step per generator step
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if run.ema and not bad:
-                run.ema.update(model, step)
-            bar.set_postfix(gnorm=f"{grad_norm.item():.2f}", lr=f"{lr:.2e}", **{k: f"{v:.4g}" for k, v in shown.items()})
-            if stop:  # a signal on some rank: the row and the checkpoint a resume needs, then exit
-                if (step + 1) % args.eval_interval == 0 and step + 1 < hp["iters"]:
-                    log_metrics(args, {"stage": stage, "step": step + 1, "split": "val", **run.evaluate(eval_fn)})
-                interrupt.exit_after_signal(stage, step + 1, run.save(step + 1, faults), lambda text: log(args, text))
-    row = {"stage": stage, "step": hp["iters"], "split": "val", **run.evaluate(eval_fn),
-           "train_s": round(time.time() - t0, 1), **({"skipped_steps": faults.total} if faults.total else {})}
-    log_metrics(args, row)
-    run.save(hp["iters"])
-    if run.ema:
-        model.load_state_dict(run.ema.weights)  # what later stages and sampling use, as load_model does
-    return row
+@dataclass
+class GAN:
+    """The PatchGAN of the pixel loss (VQGAN): discriminator, its loss as DDP runs it, its optimiser."""
+    disc: nn.Module
+    d_loss: nn.Module
+    opt: torch.optim.Optimizer
+    weight: float = 0.5
+    adaptive: bool = False  # scale by VQGAN's ratio of gradient norms (tf.adaptive_weight)
+
+    def state(self):  # what a checkpoint keeps
+        return {"disc": self.disc.state_dict(), "disc_optimizer": self.opt.state_dict()}
+
+    def step(self, scaler, skip=False):
+        """The discriminator's step, on gradients scaled as the generator's were (the scaler skips a
+        non-finite fp16 step), then its gradients cleared; none with skip (the generator's step was
+        skipped), before --disc-start (no gradients) or when they are not finite (all-reduced: every
+        rank agrees)."""
+        grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
+        if grads and not skip:
+            scaler.unscale_(self.opt)
+            if scaler.is_enabled() or all(g.isfinite().all() for g in grads):
+                scaler.step(self.opt)
+        self.opt.zero_grad(set_to_none=True)
 
 
-def accumulate(args, net, batches, loss_fn, step, scaler):
-    """Forward + backward of --grad-accum micro-batches -> (last loss, its stats, all losses finite?)."""
-    finite = True
-    for i in range(args.grad_accum):
-        x, y = next(batches)
-        # DDP all-reduces gradients in backward; only the last micro-batch of a step needs to
-        sync = net.no_sync() if args.world_size > 1 and i < args.grad_accum - 1 else nullcontext()
-        with sync:
-            with autocast_ctx(args.device, args.dtype):
-                loss, stats = loss_fn(x, y, step)
-            finite = finite and bool(torch.isfinite(loss))
-            scaler.scale(loss / args.grad_accum).backward()
-    return loss, stats, finite
+class DiscriminatorLoss(nn.Module):  # the hinge loss on a real and a fake batch, one forward for DDP
+    def __init__(self, disc):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real, fake):
+        return tf.hinge_d_loss(self.disc(real), self.disc(fake))
 
 
-def agree(args, shown, finite, interrupt):
-    """One all-reduce per step -> (the numbers shown, averaged over ranks; did any rank see a
-    non-finite loss or gradient?; did any rank get a signal?)."""
-    flags = {"bad": not finite, "stop": interrupt.signal is not None}
-    summed = dict(zip([*shown, *flags], all_sum(torch.tensor([*shown.values(), *flags.values()],
-                                                             dtype=torch.float64)).tolist()))
-    return {k: summed[k] / args.world_size for k in shown}, summed["bad"] > 0, summed["stop"] > 0
-
-
-def get_lr(step, iters, peak):
-    """Linear warmup, then cosine decay to peak / 10."""
-    warmup = max(1, int(WARMUP * iters))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, iters - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+def pixel_losses(args, iters, lr, path):
+    """LPIPS (with --lpips-weights) and, for a run that reaches --disc-start, the GAN (resumed from
+    path with the stage) -> (lpips or None, gan or None)."""
+    with main_first(args.rank):  # one download, not one per rank
+        lpips = load_lpips(args.lpips_weights).to(args.device) if args.lpips_weights else None
+    log(args, f"{os.path.basename(path)[:-3]}: LPIPS {'on' if lpips else 'off (no --lpips-weights)'}, "
+              f"PatchGAN from step {args.disc_start}")
+    if args.disc_start >= iters:  # only a run that reaches the GAN builds (and saves) the discriminator
+        return lpips, None
+    with torch.random.fork_rng(devices=[]):  # its init leaves the training RNG (scale drop) as it was
+        disc = tf.PatchDiscriminator().to(args.device)
+    gan = GAN(disc, wrap(DiscriminatorLoss(disc), args.device, args.world_size),
+              torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9)),  # VQGAN's discriminator betas
+              args.disc_weight, args.adaptive_disc_weight)
+    if args.resume and os.path.exists(path) and "disc" in (ckpt := load_checkpoint(path, "tokenizer")):
+        disc.load_state_dict(matching_weights(disc, ckpt["disc"], f"{path} (discriminator)"))
+        gan.opt.load_state_dict(ckpt["disc_optimizer"])
+    return lpips, gan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +514,23 @@ def trained_judge(args, classes):
                   f"--out-dir {shlex.quote(args.out_dir)} trains the judge)")
 
 
+def token_file(args, tokenizer, split):
+    """A split tokenized once into OUT_DIR/tokens/ (utils/token_files.py), reused while the tokenizer's
+    encoders and codebook and the data are the same; under torchrun every rank encodes a block."""
+    data = dataset(args, tokenizer.cfg.image_size, split, args.token_images if split == "train" else None, augment=False)
+    meta = {"tokenizer_id": tokenizer_id(tokenizer), "dataset": args.dataset, "data_path": args.data_path,
+            "seed": args.seed, "images": len(data), "classes": data.classes, "seq_len": tokenizer.cfg.seq_len,
+            "dtype": args.dtype}  # (classes: a label is an index into them)
+
+    def encode(x):  # (b, 3, H, W) -> ids (b, L) on the CPU
+        with torch.no_grad(), autocast_ctx(args.device, args.dtype):
+            return tokenizer.encode(x.to(args.device)).cpu()
+
+    tokenizer.eval()
+    return cached_tokens(data, encode, os.path.join(args.out_dir, "tokens", split), meta, tokenizer.cfg.codebook_size,
+                         args.rank, args.world_size, show=args.rank == 0)
+
+
 @torch.no_grad()
 def decoded(args, tokenizer, ids_BL):
     """Ids -> images (B, 3, H, W) in [-1, 1] on the CPU, through the pixel decoder."""
@@ -538,14 +543,13 @@ def log(args, text):
         tqdm.write(text)
 
 
-def log_metrics(args, row, echo=True):
-    """One row of OUT_DIR/metrics.jsonl and (echo) of the console, from rank 0."""
+def log_metrics(args, row):
+    """One row of OUT_DIR/metrics.jsonl and of the console, from rank 0."""
     if args.rank != 0:
         return
     with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
-    if echo:
-        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,10 +674,9 @@ def checked(p, args):
     return args
 
 
-
 def main(argv=None):
     args = get_args(argv)
-    args.device = distributed.setup(args.device, args.world_size)
+    args.device = init_distributed(args.device, args.world_size)
     os.makedirs(args.out_dir, exist_ok=True)
     cfg = tf.PRESETS[args.preset]["tokenizer"]
     cfg = replace(cfg, **CODEBOOKS[args.codebook], codebook_size=args.codebook_size or cfg.codebook_size)
@@ -685,7 +688,7 @@ def main(argv=None):
         log(args, describe(args.dataset, args.data_path, cfg.image_size, args.seed, args.eval_images, args.out_dir))
         return {stage: run[stage]() for stage in stages(args)}
     finally:
-        distributed.teardown()
+        destroy_distributed()
 
 
 def cli(argv=None):

@@ -61,8 +61,9 @@ def unchanged(root, mtimes):
         return False
 
 
-def first_names(names, most=8):
-    """Folder names for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
+def listing(names, most=8):
+    """Names (or numbers) for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
+    names = [str(n) for n in names]
     return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])}, ... ({len(names)} in all)"
 
 
@@ -81,8 +82,8 @@ def scan_folder(root, cache_dir, classes=None):
     classes = list(classes or training_classes(root))
     unknown = [c for c in found if c not in classes]
     if unknown:
-        raise ValueError(f"{root} has class folders the training split lacks: {first_names(unknown)}; the training "
-                         f"split's folders define the classes ({first_names(classes)}): add them there or remove them here")
+        raise ValueError(f"{root} has class folders the training split lacks: {listing(unknown)}; the training "
+                         f"split's folders define the classes ({listing(classes)}): add them there or remove them here")
     cache = os.path.join(cache_dir, f"filelist_{hashlib.sha256(root.encode()).hexdigest()[:12]}.json")
     if os.path.exists(cache):
         with open(cache) as f:

@@ -122,31 +122,3 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
-
-
-
-def foreground_colours(x_B3HW, min_saturation=0.3, min_pixels=4):
-    """The palette colour of each image's shape -> (B,) indices into PALETTE, -1 where fewer than
-    min_pixels are saturated. The backgrounds are grey (saturation, max - min over RGB in [0, 1],
-    at most 0.1) and every palette colour is saturated (>= 0.48 with jitter), so the shape's pixels
-    are the saturated ones; the nearest palette colour to their median is the answer. Images in
-    [-1, 1], real or generated."""
-    x = (x_B3HW.float().clamp(-1, 1) + 1) / 2
-    saturated = (x.amax(1) - x.amin(1)) > min_saturation  # (B, H, W)
-    palette, out = torch.from_numpy(PALETTE).to(x.device), []
-    for image, mask in zip(x, saturated):
-        if mask.sum() < min_pixels:
-            out.append(-1)
-            continue
-        colour = image[:, mask].median(dim=1).values  # (3,)
-        out.append(int((palette - colour).square().sum(1).argmin()))
-    return torch.tensor(out)
-
-
-def colour_coverage(colours_N, labels_N):
-    """The diversity guard of generated shapes (issue 14): colour is drawn independently of the
-    class, so each class's samples should show many of the 8 palette colours; a generator that
-    draws one image per class shows one. -> distinct foreground colours per class (-1, no shape,
-    not counted), averaged over the classes present."""
-    per_class = [len(set(colours_N[labels_N == c].tolist()) - {-1}) for c in labels_N.unique().tolist()]
-    return sum(per_class) / len(per_class)

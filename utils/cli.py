@@ -14,7 +14,7 @@ import sys
 import torch
 from PIL import Image
 
-from data.folders import first_names
+from data.folders import listing  # (one-line messages name a few items; the scripts import it from here)
 
 BAD_INPUT = (ValueError, OSError)  # what our checks and file reads raise on bad input: exit code 2
 
@@ -122,11 +122,6 @@ def check_output_file(p, what, path, extensions=None):
 COMMON_IMAGES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_OUTPUTS = COMMON_IMAGES + tuple(sorted(  # then every other kind Pillow writes
     e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE and e not in COMMON_IMAGES))
-
-
-def listing(names, most=8):
-    """Names (or numbers) for a one-line message: all of a few, the first of many ('a, b, ... (1000 in all)')."""
-    return first_names([str(n) for n in names], most)
 
 
 def check_classes(found, expected, what, fix):

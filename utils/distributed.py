@@ -19,7 +19,7 @@ def rank_and_world_size():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup(device, world_size):
+def init_distributed(device, world_size):
     """Join torchrun's process group, if there is one -> the device this process uses (one GPU each)."""
     if world_size > 1:
         if device.startswith("cuda"):
@@ -29,7 +29,7 @@ def setup(device, world_size):
     return device
 
 
-def teardown():
+def destroy_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -49,6 +49,11 @@ def all_sum(t):
     total = t.to(device)
     dist.all_reduce(total)
     return total.to(t.device)
+
+
+def all_mean(t):
+    """A tensor averaged over ranks (itself in one process)."""
+    return all_sum(t.detach().clone()) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 @contextmanager
@@ -84,7 +89,3 @@ def wrap(model, device, world_size, compile=False):
                   gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second fp32 copy
     return net
 
-
-def all_mean(t):
-    """A tensor averaged over ranks (itself in one process)."""
-    return all_sum(t.detach().clone()) / (dist.get_world_size() if dist.is_initialized() else 1)
