@@ -2399,9 +2399,9 @@ def test_no_flag_answers_hostile_values_with_a_traceback(name, tmp_path, monkeyp
 
 
 def local_imports(path):
-    """The repo's own modules a file imports (top-level names: tokenflow, data, train, ...)."""
+    """The repo's own modules a file imports (top-level names: tokenflow, data, utils, train, ...)."""
     import ast
-    local = {"tokenflow", "data", "train", "sample", "evaluate", "bench"}
+    local = {"tokenflow", "data", "utils", "metrics", "train", "sample", "evaluate", "bench"}
     found = set()
     for node in ast.walk(ast.parse(open(os.path.join(HERE, path)).read())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -2411,12 +2411,17 @@ def local_imports(path):
 
 
 def test_imports_go_one_way():
-    """tokenflow.py <- data/ <- scripts: the model file imports nothing local, data/ at most the model
-    file, sample.py no other script; evaluate.py (the metrics train.py reuses) imports no script."""
+    """tokenflow.py <- data/ <- utils/ and metrics.py <- scripts: the model file imports nothing local,
+    data/ at most the model file (its one experiment script, data/shapes/results.py, drives scripts),
+    the plumbing and the metrics no script, and a script no other script but bench.py (train.py's steps)."""
     assert local_imports("tokenflow.py") == set()
     for name in os.listdir(os.path.join(HERE, "data")):
         if name.endswith(".py"):
             assert local_imports(os.path.join("data", name)) <= {"tokenflow", "data"}, name
-    assert local_imports("sample.py") == {"tokenflow", "data"}
-    assert local_imports("evaluate.py") == {"tokenflow", "data"}
-    assert local_imports("train.py") == {"tokenflow", "data", "evaluate"}
+    for name in os.listdir(os.path.join(HERE, "utils")):
+        if name.endswith(".py"):
+            assert local_imports(os.path.join("utils", name)) <= {"tokenflow", "data", "utils"}, name
+    assert local_imports("metrics.py") <= {"tokenflow", "data", "utils"}
+    for script in ("train.py", "sample.py", "evaluate.py"):
+        assert local_imports(script) <= {"tokenflow", "data", "utils", "metrics"}, script
+    assert local_imports("bench.py") <= {"tokenflow", "data", "utils", "metrics", "train"}
