@@ -40,7 +40,6 @@ derives the memory and time per step of the ImageNet commands (data/imagenet/REA
 two are estimates and are labelled so.
 """
 
-import argparse
 import json
 import os
 import re
@@ -56,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenflow as tf
 import train
 from data import TokenDataset, device_batches
-from utils.cli import check_device, run_script
+from utils.cli import OneLineErrors, check_device, run_script
 from data.shapes import ShapesDataset
 from metrics import autocast_ctx
 
@@ -428,7 +427,7 @@ def estimate(per_gpu_batch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrors(__doc__)
     p.add_argument("what", nargs="?", default="all", choices=["all", "vq", "sample", "train", "estimate", "profile"])
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -47,7 +47,6 @@ TensorFlow, so it runs outside this repo. TokenFlow-B's images are 224 px, and A
 reference batches are 256 px.
 """
 
-import argparse
 import json
 import os
 
@@ -60,8 +59,8 @@ from metrics import (DEFAULT_CFG_SCALE, SAMPLING, autocast_ctx, code_features, e
                      evaluate_tokenizer, frechet_distance, generated_batches, linear_probe, nearest_neighbours,
                      precision_at_k, score_generated)
 from utils.checkpoints import load_model, save_atomically
-from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_classes, check_device, check_folder, check_input_file,
-                       check_numbers, check_output_file, parse_refine, run_script)
+from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, OneLineErrors, check_classes, check_device, check_folder,
+                       check_input_file, check_numbers, check_output_file, parse_refine, run_script)
 from utils.grids import save_grid, to_uint8
 from utils.weights import load_teacher, teacher_path
 
@@ -89,7 +88,7 @@ def get_args(argv=None):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrors(__doc__)
     p.add_argument("mode", nargs="?", default="eval", choices=["eval", "probe", "neighbours", "export"])
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt, gpt.pt and teacher.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt)")

@@ -13,7 +13,6 @@ Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights)
 (held-out metrics, probes, export for FID) is evaluate.py.
 """
 
-import argparse
 import os
 
 import numpy as np
@@ -23,8 +22,8 @@ from data import DATASETS, eval_loader, make_dataset, resolve_data_path
 from data.folders import load_images
 from metrics import psnr
 from utils.checkpoints import load_model
-from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, check_device, check_folder, check_input_file, check_numbers,
-                       check_output_file, listing, parse_refine, run_script)
+from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, OneLineErrors, check_device, check_folder, check_input_file,
+                       check_numbers, check_output_file, listing, parse_refine, run_script)
 from utils.grids import class_rows, keep_class_examples, save_grid
 
 
@@ -48,7 +47,7 @@ def get_args(argv=None):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrors(__doc__)
     p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode", "scales"])
     p.add_argument("inputs", nargs="*", help="reconstruct/encode: image files (reconstruct without files: "
                    "held-out shapes); decode: one .npy file of ids (N, L)")

@@ -13,7 +13,6 @@ from it alone. Under torchrun every process runs this file; rank 0 logs and writ
 (checkpoint files and resume, signals, DDP, flag checks, weight files) is utils/'s.
 """
 
-import argparse
 import json
 import math
 import os
@@ -34,7 +33,8 @@ from metrics import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teache
                      reconstructions)
 from utils.checkpoints import (check_resumable_on, config_diff, load_checkpoint, load_model, matching_weights,
                                save_checkpoint, tokenizer_id)
-from utils.cli import SEED, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype, run_script
+from utils.cli import (SEED, OneLineErrors, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype,
+                       run_script)
 from utils.distributed import (all_mean, all_sum, destroy_distributed, init_distributed, main_first, rank_and_world_size,
                                rank_share, wrap)
 from utils.grids import save_grid
@@ -421,8 +421,8 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("tokenflow-b", "gpt"): dict(iters=330_000, batch_size=768, lr=3e-4, ema=0.9999),
 }
 DATASET_DEFAULTS = {  # (dataset, stage) -> changes to the toy preset's DEFAULTS for that dataset
-    # the shapes teacher: 1,000 x 32 reaches 99.9-100% (two seeds) in 75 s; 500 x 64, the same
-    # images, stops at 78-88% (data/shapes/README.md)
+    # the shapes teacher: 1,000 x 32 reaches 98.7% (seed 0, 66-79 s today; 99.9-100% on two seeds
+    # earlier); 500 x 64, the same images, stops at 78-88% (data/shapes/README.md)
     ("shapes", "teacher"): dict(batch_size=32),
     # real photos need a longer-trained toy teacher than the shapes: 1,000 steps reach 79.3% on the
     # Fashion-MNIST test set, 3,000 steps at lr 2e-3 88.4-88.7%, 4,000 89.4% (data/fashion_mnist/README.md)
@@ -571,7 +571,7 @@ def get_args(argv=None):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrors(__doc__)
     # what to train
     p.add_argument("--preset", default="toy", help=f"model sizes, one of {sorted(tf.PRESETS)}")
     p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer", "judge", "gpt"],

@@ -5,6 +5,7 @@ rather than with a traceback from deep inside a run; run_script turns the errors
 raises on bad files and data (ValueError, OSError) into that same one line.
 """
 
+import argparse
 import importlib.util
 import math
 import os
@@ -17,6 +18,17 @@ from PIL import Image
 from data.folders import listing  # (one-line messages name a few items; the scripts import it from here)
 
 BAD_INPUT = (ValueError, OSError)  # what our checks and file reads raise on bad input: exit code 2
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser whose bad-input message is one line, 'prog: error: ...; see --help', exit code 2
+    (argparse's own prints its usage block above it). The script's docstring is its --help text."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def flag(name):
