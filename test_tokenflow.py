@@ -1685,6 +1685,21 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert gpt["step"] == 2 and gpt["optimizer"]["state"][0]["step"].item() == 2
 
 
+def test_torchrun_gan_steps_once_per_step_with_grad_accum(toy_run, tmp_path):
+    """Two ranks, --grad-accum 2, the PatchGAN from step 1 with the adaptive weight: the generator's
+    and the discriminator's DDP modules share one backward per micro-batch, and the discriminator
+    steps once per generator step (steps 1 and 2 of 0, 1, 2)."""
+    out = str(tmp_path / "out")
+    shutil.copytree(toy_run[0], out)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        "--stage", "tokenizer", "--disc-start", "1", "--iters", "3", "--grad-accum", "2",
+                        "--adaptive-disc-weight", "--batch-size", "8", "--eval-images", "16", "--out-dir", out],
+                       cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = load_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer")
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 3 and ckpt["disc_optimizer"]["state"][0]["step"].item() == 2
+
+
 def test_bench_estimate_counts_flops_and_saved_activations():
     """Linear(4, 3) on a (2, 4) input, squared and summed: forward 2*2*4*3 = 48 FLOPs and the weight
     gradient 48 more (the input needs none); saved for backward: the input (8 floats) and the
