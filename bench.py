@@ -374,7 +374,8 @@ def measure(step, params, trained_modules=(), frozen_modules=()):
 
 def tokenizer_step(cfg):
     """One image through the whole TokenFlow-B recipe: CLIP-sized teacher (frozen), tokenizer,
-    L2 + LPIPS + semantic + VQ, and the PatchGAN's discriminator step and generator term."""
+    L2 + LPIPS + semantic + VQ, and the PatchGAN's two hinge terms (generator and discriminator,
+    one backward, as train.py's tokenizer_loss)."""
     torch.manual_seed(0)
     teacher, tokenizer, lpips = tf.Teacher(cfg).requires_grad_(False), tf.TokenFlow(cfg), tf.LPIPS()
     disc = tf.PatchDiscriminator()

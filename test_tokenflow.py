@@ -1709,6 +1709,18 @@ def test_bench_estimate_counts_flops_and_saved_activations():
     assert bench.measure(lambda: lin(x).pow(2).sum().backward(), list(lin.parameters())) == (96, 56)
 
 
+def test_bench_estimate_steps_run_the_whole_recipe():
+    """bench.py estimate's tokenizer step (train.py's tokenizer_loss with LPIPS and the PatchGAN) and GPT
+    step, at the toy sizes: they run, and count FLOPs and saved activations for every trained part."""
+    import bench
+    cfg = tf.PRESETS["toy"]["tokenizer"]
+    tok, gpt = bench.tokenizer_step(cfg), bench.gpt_step(cfg, tf.PRESETS["toy"]["gpt"])
+    for row in (tok, gpt):
+        assert row["flops_per_image"] > 0 and row["act_bytes_per_image"] > 0 and row["trained_params"] > 0
+    assert tok["trained_params"] == sum(p.numel() for p in tf.TokenFlow(cfg).parameters()) + sum(
+        p.numel() for p in tf.PatchDiscriminator().parameters())
+
+
 def test_bench_profile_prints_the_top_ops_of_a_tokenizer_and_a_gpt_step(capsys):
     import bench
     bench.main(["profile", "--device", "cpu", "--batch-size", "2"])
