@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import tokenflow as tf
 from data import eval_loader
-from data.shapes import PALETTE
+from data.shapes import COLOURS, HELD_OUT_PAIRS, PALETTE, SHAPES, VOCAB, held_out_pair
 from utils.grids import class_rows, keep_class_examples, save_grid
 
 SAMPLING = {k: v.default for k, v in inspect.signature(tf.GPT.generate).parameters.items()
@@ -195,6 +195,69 @@ def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
     loss, hits, counts = reduce(torch.cat([loss, hits, counts])).split([1, S, S])
     return {"loss": (loss / counts.sum()).item(), "acc": (hits.sum() / counts.sum()).item(),
             "acc_per_scale": [round(a, 4) for a in (hits / counts).tolist()]}
+
+
+@torch.no_grad()
+def evaluate_unified(model, loader, device, dtype="float32", reduce=lambda t: t):
+    """Held-out losses (nats) of a UnifiedGPT on a loader of (ids (B, L), captions (B, W)): gen_loss per
+    image token (text-to-image), cap_loss per caption word and END (image-to-text, both halves)."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # gen, cap, images
+    for idx, words in loader:
+        idx, words = idx.to(device), words.to(device)
+        with autocast_ctx(device, dtype):
+            image_logits, word_logits = model(idx, words)
+        sums += torch.tensor([tf.gpt_loss(image_logits, idx).item(), tf.caption_loss(word_logits, words).item(), 1.0])
+    gen, cap, n = reduce(sums).tolist()
+    return {"gen_loss": gen / n, "cap_loss": cap / n}
+
+
+@torch.no_grad()
+def caption_scores(model, ids_NL, words_NW, device, batch_size=256):
+    """Captions (greedy) of held-out images' ids, read through each view of f_hat, against their true
+    captions "<colour> <shape>" -> caption_shape_acc, caption_colour_acc, caption_exact_acc (suffix _sem,
+    _pix: that half alone) on images of seen pairs, and caption_exact_acc_heldout (both halves) on
+    images of HELD_OUT_PAIRS."""
+    model.eval()
+    unseen, row = held_out_pair(words_NW), {}
+    for view in model.VIEWS:
+        said = torch.cat([model.caption(ids.to(device), view).cpu() for ids in ids_NL.split(batch_size)])
+        right = said == words_NW  # (N, 2): colour, shape
+        suffix = "" if view == "both" else f"_{view}"
+        row.update({f"caption_shape_acc{suffix}": right[~unseen, 1].float().mean().item(),
+                    f"caption_colour_acc{suffix}": right[~unseen, 0].float().mean().item(),
+                    f"caption_exact_acc{suffix}": right[~unseen].all(1).float().mean().item()})
+        if view == "both":
+            row["caption_exact_acc_heldout"] = right[unseen].all(1).float().mean().item()
+    return {**row, "caption_images": int((~unseen).sum()), "caption_images_heldout": int(unseen.sum())}
+
+
+def pair_prompts(per_seen=5, per_held_out=32):
+    """Captions for text-to-image scoring: every seen (colour, shape) pair per_seen times, then every held-out
+    pair per_held_out times -> word ids (N, 2), held out? (N,)."""
+    pairs = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c, s) not in HELD_OUT_PAIRS]
+    prompts = [p for p in pairs for _ in range(per_seen)] + [p for p in HELD_OUT_PAIRS for _ in range(per_held_out)]
+    words = torch.tensor([[VOCAB.index(COLOURS[c]), VOCAB.index(SHAPES[s])] for c, s in prompts])
+    return words, held_out_pair(words)
+
+
+@torch.no_grad()
+def t2i_scores(model, tokenizer, judge, seed, device, dtype="float32", batch_size=256, **options):
+    """Text-to-image from pair_prompts (options: GPT.generate's), each image judged -> t2i_shape_acc (the
+    judge reads the prompt's shape), t2i_colour_acc (foreground_colours finds its colour), t2i_joint_acc
+    (both), on seen pairs and with suffix _heldout on held-out pairs; cfg, images of each."""
+    words, unseen = pair_prompts()
+    shape_right, colour_right = [], []
+    for w, _, x in generated_batches(model, tokenizer, words, batch_size, seed, device, dtype, **options):
+        shape_right.append((judge(x).argmax(1) == w[:, 1] - VOCAB.index(SHAPES[0])).cpu())
+        colour_right.append(foreground_colours(x.cpu()) == w[:, 0].cpu() - VOCAB.index(COLOURS[0]))
+    shape_right, colour_right = torch.cat(shape_right).float(), torch.cat(colour_right).float()
+    row = {"cfg": options.get("cfg_scale", DEFAULT_CFG_SCALE)}
+    for suffix, rows in (("", ~unseen), ("_heldout", unseen)):
+        row.update({f"t2i_shape_acc{suffix}": shape_right[rows].mean().item(),
+                    f"t2i_colour_acc{suffix}": colour_right[rows].mean().item(),
+                    f"t2i_joint_acc{suffix}": (shape_right * colour_right)[rows].mean().item()})
+    return {**row, "t2i_images": int((~unseen).sum()), "t2i_images_heldout": int(unseen.sum())}
 
 
 @torch.no_grad()

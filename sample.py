@@ -8,8 +8,10 @@ Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
     python sample.py encode a.png b.png --out ids.npy  # shared ids (N, L) to a .npy file
     python sample.py decode ids.npy --out decoded.png  # and back to images
     python sample.py scales                            # coarse to fine: each image from the ids of scales 1..k
+    python sample.py --prompt "red star" "blue ring"   # text-to-image, one row per prompt (train.py --stage unified)
+    python sample.py caption [a.png ...]               # image-to-text: held-out shapes by default -> out/captions.png
 
-Models are rebuilt from out/tokenizer.pt and out/gpt.pt alone (config + weights). Evaluation
+Models are rebuilt from out/tokenizer.pt and out/gpt.pt (out/unified.pt: --prompt, caption) alone (config + weights). Evaluation
 (held-out metrics, probes, export for FID) is evaluate.py.
 """
 
@@ -20,6 +22,7 @@ import torch
 
 from data import DATASETS, eval_loader, make_dataset, resolve_data_path
 from data.folders import load_images
+from data.shapes import caption_ids, caption_text, held_out_pair
 from metrics import psnr
 from utils.checkpoints import load_model
 from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, OneLineErrors, check_device, check_folder, check_input_file,
@@ -38,6 +41,10 @@ def get_args(argv=None):
         p.error("encode takes one or more image files")
     for path in args.inputs:
         check_input_file(p, f"{args.mode}: input file", path)
+    if args.prompt is not None and (args.mode != "generate" or args.classes):
+        p.error("--prompt is text-to-image: use it without a mode or --classes")
+    if args.prompt is not None and not all(t.strip() for t in args.prompt):
+        p.error("--prompt: an empty prompt; give words such as 'red star'")
     if args.mode in ("generate", "scales") and args.inputs:
         p.error(f"{args.mode} takes no files (got {args.inputs[0]}); did you mean reconstruct or encode?")
     check_folder(p, "--out-dir", args.out_dir)  # (a missing --tokenizer file gets the command that makes it, later)
@@ -48,9 +55,9 @@ def get_args(argv=None):
 
 def parser():
     p = OneLineErrors(__doc__)
-    p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode", "scales"])
-    p.add_argument("inputs", nargs="*", help="reconstruct/encode: image files (reconstruct without files: "
-                   "held-out shapes); decode: one .npy file of ids (N, L)")
+    p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode", "scales", "caption"])
+    p.add_argument("inputs", nargs="*", help="reconstruct/encode/caption: image files (reconstruct and caption "
+                   "without files: held-out shapes); decode: one .npy file of ids (N, L)")
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt and gpt.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt; "
                    "OUT_DIR/decoder.pt after train.py --finetune-decoder: the same ids, its own pixel decoder)")
@@ -62,7 +69,9 @@ def parser():
     # generation: unset sampling flags take GPT.generate's defaults (tokenflow.py)
     p.add_argument("--classes", nargs="+", default=None, help="classes, one grid row each (default: all): names "
                    "(the training split's folders; a name wins over a number) or numbers, num_classes = the null class")
-    p.add_argument("--per-class", type=int, default=8, help="images per class")
+    p.add_argument("--prompt", nargs="+", default=None, help="captions to draw, one grid row each, from "
+                   "OUT_DIR/unified.pt (shapes: '<colour> <shape>')")
+    p.add_argument("--per-class", type=int, default=8, help="images per class or prompt")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight; 0 = none")
     p.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
                    help="linear: the weight ramps from 0 at the first scale to --cfg-scale at the last (official)")
@@ -110,6 +119,48 @@ def generate(args, ckpt, tokenizer, out):
     save_grid(list(x.split(args.per_class)), out)
     rows = ", ".join("null" if c == gpt.cfg.num_classes else names[c] if names else str(c) for c in classes)
     print(f"wrote {out}: {len(classes)} classes x {args.per_class} images, one row per class ({rows})")
+    return out
+
+
+def unified_model(args, tokenizer, ckpt):
+    """OUT_DIR/unified.pt on the device, with its vocabulary; ValueError when the tokenizer's data has no captions."""
+    if ckpt.get("args", {}).get("dataset", "shapes") != "shapes":
+        raise ValueError(f"{args.out_dir} was trained on {ckpt['args']['dataset']}, which has no captions; "
+                         "text-to-image and captions are the shapes run's (python train.py, then --stage unified)")
+    model, unified_ckpt = load_model(os.path.join(args.out_dir, "unified.pt"), "unified", tokenizer)
+    return model.to(args.device).eval(), unified_ckpt["vocab"], [tuple(p) for p in unified_ckpt["held_out_pairs"]]
+
+
+def text_to_image(args, ckpt, tokenizer, out):
+    model, vocab, held = unified_model(args, tokenizer, ckpt)
+    words = torch.stack([caption_ids(t, vocab, model.cfg.caption_len) for t in args.prompt]).to(args.device)
+    x = tokenizer.decode(model.generate(words.repeat_interleave(args.per_class, 0),
+                                        generator=torch.Generator(args.device).manual_seed(args.seed),
+                                        **sampling_options(args)))
+    labels = [f"{t}{' (held out)' if u else ''}" for t, u in zip(args.prompt, held_out_pair(words.cpu(), held).tolist())]
+    save_grid(list(x.split(args.per_class)), out, row_labels=labels)
+    print(f"wrote {out}: {len(args.prompt)} prompts x {args.per_class} images, one row per prompt ({', '.join(labels)})")
+    return out
+
+
+def caption(args, ckpt, tokenizer, out):
+    """One caption per image (the files given, else 16 held-out shapes, two of each held-out pair and one of
+    eight seen pairs), printed and written under the images."""
+    model, vocab, held = unified_model(args, tokenizer, ckpt)
+    if args.inputs:
+        x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
+    else:
+        data = make_dataset("shapes", None, "val", tokenizer.cfg.image_size, seed=ckpt.get("args", {}).get("seed", 0))
+        words = data.captions(range(len(data)))
+        unseen = held_out_pair(words, held).nonzero()[:, 0].tolist()
+        pick = unseen[:8] + (~held_out_pair(words, held)).nonzero()[:8, 0].tolist()
+        x, names = torch.stack([data[i][0] for i in pick]), [f"held-out image {i}: {caption_text(words[i], vocab)}"
+                                                            f"{' (held-out pair)' if i in unseen else ''}" for i in pick]
+    said = [caption_text(w, vocab) for w in model.caption(tokenizer.encode(x.to(args.device))).cpu()]
+    for name, text in zip(names, said):
+        print(f"{text:20s} {name}")
+    save_grid(list(x.split(8)), out, captions=[said[i:i + 8] for i in range(0, len(said), 8)])
+    print(f"wrote {out}: {len(x)} images, each with its caption under it")
     return out
 
 
@@ -197,7 +248,7 @@ def decode(args, ckpt, tokenizer, out):
     return out
 
 
-MODES = {"generate": (generate, "samples.png"), "reconstruct": (reconstruct, "reconstructions_sample.png"),
+MODES = {"generate": (generate, "samples.png"), "caption": (caption, "captions.png"), "reconstruct": (reconstruct, "reconstructions_sample.png"),
          "encode": (encode, "ids.npy"), "decode": (decode, "decoded.png"), "scales": (scales, "scales.png")}
 
 
@@ -205,7 +256,7 @@ MODES = {"generate": (generate, "samples.png"), "reconstruct": (reconstruct, "re
 def main(argv=None):
     args = get_args(argv)
     tokenizer, ckpt = load_model(args.tokenizer or os.path.join(args.out_dir, "tokenizer.pt"), "tokenizer")
-    run, default_out = MODES[args.mode]
+    run, default_out = MODES[args.mode] if args.prompt is None else (text_to_image, "samples.png")
     return run(args, ckpt, tokenizer.to(args.device).eval(), args.out or os.path.join(args.out_dir, default_out))
 
 

@@ -639,7 +639,7 @@ def refined_scale_logits(gpt, idx, labels, k, first_k):
             x.append(gpt.next_input(f_hat, scales[si + 1]))
     x.append(gpt.next_input(tf.add_scale(f_hat, gpt.scale_codes(first_k, scales[k])), scales[k]))
     x, end = gpt.embed(torch.cat(x, 1), 0), start + scales[k] ** 2
-    return gpt.transformer(x, cond, mask=gpt.mask[:end, :end])[:, start:end]
+    return gpt.head(gpt.transformer(x, cond, mask=gpt.mask[:end, :end]))[:, start:end]
 
 
 def test_refine_with_top_k_1_is_deterministic_and_matches_an_uncached_reference(gpt):

@@ -538,6 +538,8 @@ class GPTConfig:
     depth: int = 16  # transformer blocks
     heads: int = 16  # attention heads
     class_drop: float = 0.1  # P(label -> null class) per training image, for classifier-free guidance
+    vocab_size: int = 0  # UnifiedGPT only: words, SPECIAL_WORDS first (0: a class-conditional GPT)
+    caption_len: int = 0  # UnifiedGPT only: W, the words of the longest caption
 
     def __post_init__(self):
         if self.width % self.heads or self.num_classes < 1:
@@ -683,35 +685,42 @@ class GPT(nn.Module):
         idx[:, i] from the scales before its own. In training, labels become the null class
         with p = class_drop."""
         self.check_inputs(labels_B, idx_BL)
-        B, n = idx_BL.shape[0], self.grid
         if self.training and self.cfg.class_drop > 0:
-            drop = torch.rand(B, device=labels_B.device) < self.cfg.class_drop
+            drop = torch.rand(len(labels_B), device=labels_B.device) < self.cfg.class_drop
             labels_B = torch.where(drop, self.cfg.num_classes, labels_B)
-        # 1. inputs: the start tokens, then for each next scale the sum of the codes so far
         cond = self.class_emb(labels_B)  # (B, D)
-        x, f_hat = [self.start_tokens(cond)], self.codes.new_zeros(B, self.codes.shape[1], n, n)
+        return self.head(self.transformer(self.image_inputs(idx_BL, cond), cond, mask=self.mask))
+
+    def image_inputs(self, idx_BL, cond_BD):
+        """The inputs of all L positions, embedded (B, L, D): the start tokens, then for each next scale
+        the sum of the codes so far (as the tokenizer builds it), area-resized to that scale."""
+        x, f_hat = [self.start_tokens(cond_BD)], self.codes.new_zeros(len(idx_BL), self.codes.shape[1], self.grid, self.grid)
         idx_per_scale = idx_BL.split([s * s for s in self.scales], dim=1)
         for s, s_next, idx_Bl in zip(self.scales, self.scales[1:], idx_per_scale):
-            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))  # as the tokenizer builds it
+            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
             x.append(self.next_input(f_hat, s_next))
-        x = self.embed(torch.cat(x, dim=1), 0)  # (B, L, D)
-        return self.transformer(x, cond, mask=self.mask)  # 2. block-causal transformer, 3. logits
+        return self.embed(torch.cat(x, dim=1), 0)
 
     def transformer(self, x_BlD, cond_BD, mask=None, caches=None):
         """Embedded inputs (B, l, D) through the blocks, each conditioned on cond (B, D) by AdaLN and,
-        when sampling, attending through its cache too -> logits (B, l, K)."""
+        when sampling, attending through its cache too -> (B, l, D), normed and modulated for a head."""
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             x_BlD = block(x_BlD, cond_BD, mask, cache)
         scale, shift = self.head_ada(cond_BD)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
-        return self.head(self.ln_f(x_BlD) * (1 + scale) + shift)
+        return self.ln_f(x_BlD) * (1 + scale) + shift
 
     # -- sampling
+
+    def condition(self, labels_B, guided, caches):
+        """What sampling conditions on: the class embeddings (B, D), and with guidance the null class's
+        after them (2B, D). (The unified model also runs its caption into the caches here.)"""
+        return self.class_emb(torch.cat([labels_B, torch.full_like(labels_B, self.cfg.num_classes)]) if guided else labels_B)
 
     def scale_logits(self, x_BlD, cond, start, caches, t):
         """One scale's inputs (B, l, D) at positions start .. start + l through the blocks, each
         attending through its cache (a KVCache, or a rerun_view of one) -> logits (B*l, K); the batch
         holds conditional then unconditional rows when t is not None: CFG with weight t."""
-        logits = self.transformer(self.embed(x_BlD, start), cond, caches=caches).float()  # (B or 2B, l, K)
+        logits = self.head(self.transformer(self.embed(x_BlD, start), cond, caches=caches)).float()  # (B or 2B, l, K)
         if t is not None:
             cond, uncond = logits.chunk(2)
             logits = cond + t * (cond - uncond)  # CFG (Ho & Salimans 2022): (1 + t) c - t u, without inf - inf
@@ -737,10 +746,9 @@ class GPT(nn.Module):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         B, S, n = len(labels), len(self.scales), self.grid
         guided = cfg_scale != 0
-        rows = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
         double = (lambda x: x.repeat(2, 1, 1)) if guided else (lambda x: x)  # same inputs for both halves
         caches = [KVCache() for _ in self.blocks]
-        cond = self.class_emb(rows)  # (B or 2B, D)
+        cond = self.condition(labels, guided, caches)  # (B or 2B, D)
         x, f_hat, start, out = self.start_tokens(cond), self.codes.new_zeros(B, self.codes.shape[1], n, n), 0, []
         for si, s in enumerate(self.scales):
             t = (cfg_scale * si / max(1, S - 1) if cfg_schedule == "linear" else cfg_scale) if guided else None
@@ -762,6 +770,132 @@ class GPT(nn.Module):
 def gpt_loss(logits_BLK, idx_BL):
     """Next-scale prediction's loss: cross-entropy of every token given the scales before it."""
     return F.cross_entropy(logits_BLK.flatten(0, 1).float(), idx_BL.flatten())
+
+
+# ---------------------------------------------------------------------------------------------
+# The unified transformer: the same ids read into words and written from words (TokenFlow Sec. 4)
+
+SPECIAL_WORDS = ("<null>", "<end>")  # word ids 0 and 1 of every vocabulary
+NULL_WORD, END_WORD = 0, 1  # a caption's filler (all of it: the null caption, for CFG); after its last word
+GENERATE, CAPTION = 0, 1  # the tasks, which AdaLN reads where the class-conditional GPT reads the class
+
+
+class UnifiedGPT(GPT):
+    """One transformer for both directions over a tokenizer's shared ids, the task in AdaLN's condition
+    (Janus and Show-o train one model on both; the official TokenFlow code uses two LLMs).
+      generate (text-to-image, as the official t2i/): [caption, W words] [image, L tokens by scale].
+        The words attend causally; each scale attends to the caption and to the scales up to its own;
+        the first scale reads the task embedding (the official <img> token). Loss on the ids. In
+        training the caption becomes the null caption (all NULL_WORD) with p = class_drop, for CFG.
+      caption (image-to-text, as the official i2t/, LLaVA): [f_hat through a 2-layer MLP projector,
+        n*n tokens] [words]. The image prefix attends both ways (Show-o), each word to the prefix and
+        the words before it; position n*n - 1 + j predicts word j + 1, and the last one END_WORD.
+        view 'sem' or 'pix' zeroes the other half of f_hat (in training, each caption reads a view at
+        random), so one reader measures what each half knows."""
+
+    VIEWS = ("both", "sem", "pix")
+
+    def __init__(self, cfg, tokenizer):
+        if cfg.vocab_size <= len(SPECIAL_WORDS) or cfg.caption_len < 1:
+            raise ValueError(f"a UnifiedGPT needs words beyond {SPECIAL_WORDS} (vocab_size {cfg.vocab_size}) "
+                             f"and caption_len >= 1 (got {cfg.caption_len})")
+        super().__init__(replace(cfg, num_classes=2), tokenizer)  # the two "classes" are the tasks
+        D, W, n, L = cfg.width, cfg.caption_len, self.grid, len(self.level)
+        self.sem_dim = tokenizer.cfg.sem_dim
+        self.word_emb = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos = nn.Parameter(torch.randn(W, D) * 0.02)
+        self.projector = nn.Sequential(nn.Linear(self.codes.shape[1], D), nn.GELU(), nn.Linear(D, D))
+        self.word_head = nn.Linear(D, cfg.vocab_size)
+        init_weights(self.projector)
+        init_weights(self.word_head)
+        nn.init.trunc_normal_(self.word_emb.weight, std=0.02)
+        causal = torch.ones(W, W, dtype=torch.bool).tril()
+        self.register_buffer("text_mask", causal, persistent=False)
+        self.register_buffer("t2i_mask", torch.cat([  # (W + L, W + L): caption first, then the image
+            torch.cat([causal, causal.new_zeros(W, L)], 1), torch.cat([causal.new_ones(L, W), self.mask], 1)]),
+            persistent=False)
+        self.register_buffer("i2t_mask", torch.cat([  # (n*n + W, n*n + W): image prefix first, then the words
+            torch.cat([causal.new_ones(n * n, n * n), causal.new_zeros(n * n, W)], 1),
+            torch.cat([causal.new_ones(W, n * n), causal], 1)]), persistent=False)
+
+    def check_inputs(self, words_BW, idx_BL=None):
+        W, V = self.cfg.caption_len, self.cfg.vocab_size
+        if words_BW.dtype != torch.long or words_BW.ndim != 2 or words_BW.shape[1] != W or \
+                ((words_BW < 0) | (words_BW >= V)).any():
+            raise ValueError(f"captions must be word ids (B, {W}) long in [0, {V}), got {tuple(words_BW.shape)} "
+                             f"{words_BW.dtype}")
+        super().check_inputs(torch.zeros(len(words_BW), dtype=torch.long, device=words_BW.device), idx_BL)
+
+    def task(self, task, B):
+        return self.class_emb(torch.full((B,), task, device=self.level.device))  # (B, D)
+
+    def embed_words(self, words_Bw, start=0):  # the words at caption positions start .. start + w -> (B, w, D)
+        return self.word_emb(words_Bw) + self.text_pos[start:start + words_Bw.shape[1]]
+
+    def image_prefix(self, idx_BL, views):
+        """f_hat of the ids (all scales), one view per row (views: B names), projected -> (B, n*n, D)."""
+        f_hat = self.codes.new_zeros(len(idx_BL), self.codes.shape[1], self.grid, self.grid)
+        for s, idx_Bl in zip(self.scales, idx_BL.split([s * s for s in self.scales], dim=1)):
+            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
+        keep = torch.ones(len(idx_BL), f_hat.shape[1], device=f_hat.device)
+        keep[[v == "pix" for v in views], :self.sem_dim] = 0
+        keep[[v == "sem" for v in views], self.sem_dim:] = 0
+        x = self.projector((f_hat * keep[:, :, None, None]).flatten(2).transpose(1, 2))  # (B, n*n, D)
+        return self.embed(x, len(self.level) - self.grid ** 2)  # the last scale's positions and level
+
+    def forward(self, idx_BL, words_BW):
+        """ids (B, L) and their captions (B, W) -> (image logits (B, L, K): generate; word logits (B, W + 1,
+        V): caption, both views in eval, a random one per row in training)."""
+        self.check_inputs(words_BW, idx_BL)
+        B, W = words_BW.shape
+        views = [self.VIEWS[i] for i in torch.randint(3, (B,))] if self.training else ["both"] * B
+        image_logits = self.head(self.t2i_hidden(idx_BL, words_BW)[:, W:])
+        cond = self.task(CAPTION, B)
+        x = torch.cat([self.image_prefix(idx_BL, views), self.embed_words(words_BW)], 1)  # (B, n*n + W, D)
+        word_logits = self.word_head(self.transformer(x, cond, mask=self.i2t_mask)[:, self.grid ** 2 - 1:])
+        return image_logits, word_logits
+
+    def t2i_hidden(self, idx_BL, words_BW):
+        """The generate task's sequence through the transformer -> (B, W + L, D); in training the caption
+        becomes the null caption with p = class_drop."""
+        if self.training and self.cfg.class_drop > 0:
+            drop = torch.rand(len(words_BW), device=words_BW.device) < self.cfg.class_drop
+            words_BW = torch.where(drop[:, None], NULL_WORD, words_BW)
+        cond = self.task(GENERATE, len(words_BW))
+        x = torch.cat([self.embed_words(words_BW), self.image_inputs(idx_BL, cond)], 1)
+        return self.transformer(x, cond, mask=self.t2i_mask)
+
+    def condition(self, words_BW, guided, caches):
+        """Sampling's condition: the caption (and with guidance the null caption after it) run into the
+        caches; every row reads the generate task (B or 2B, D)."""
+        rows = torch.cat([words_BW, torch.full_like(words_BW, NULL_WORD)]) if guided else words_BW
+        cond = self.task(GENERATE, len(rows))
+        self.transformer(self.embed_words(rows), cond, mask=self.text_mask, caches=caches)
+        return cond
+
+    @torch.no_grad()
+    def caption(self, idx_BL, view="both"):
+        """ids (B, L) -> the most likely caption (B, W) word ids, one word at a time through a KV cache;
+        NULL_WORD after END_WORD."""
+        B, W = len(idx_BL), self.cfg.caption_len
+        self.check_inputs(torch.zeros(B, W, dtype=torch.long, device=idx_BL.device), idx_BL)
+        caches, cond, words = [KVCache() for _ in self.blocks], self.task(CAPTION, B), []
+        h = self.transformer(self.image_prefix(idx_BL, [view] * B), cond, caches=caches)[:, -1:]
+        for j in range(W):
+            words.append(self.word_head(h[:, 0]).argmax(-1))  # (B,)
+            h = self.transformer(self.embed_words(words[-1][:, None], j), cond, caches=caches)
+        words = torch.stack(words, 1)
+        ended = (words == END_WORD).cumsum(1) > 0  # END and what follows it
+        return words.masked_fill(ended, NULL_WORD)
+
+
+def caption_loss(word_logits_BWV, words_BW):
+    """Cross-entropy of each caption word and of END_WORD after the last one (none after that)."""
+    targets = torch.cat([words_BW, torch.full_like(words_BW[:, :1], NULL_WORD)], 1)  # (B, W + 1)
+    end = (targets == NULL_WORD).int().argmax(1)  # the first filler: where END goes
+    after = torch.arange(targets.shape[1], device=targets.device) > end[:, None]
+    targets = targets.scatter(1, end[:, None], END_WORD).masked_fill(after, -100)
+    return F.cross_entropy(word_logits_BWV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tokenflow as tf
-from data import DATASETS, EVAL_IMAGES, describe, device_batches, eval_loader, make_dataset, resolve_data_path
-from data.shapes import ShapesDataset
-from metrics import (autocast_ctx, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer, generated_row,
-                     reconstructions)
+from data import (DATASETS, EVAL_IMAGES, TokenDataset, describe, device_batches, eval_loader, make_dataset,
+                  resolve_data_path)
+from data.shapes import CAPTION_LEN, HELD_OUT_PAIRS, VOCAB, ShapesDataset, held_out_pair
+from metrics import (autocast_ctx, caption_scores, evaluate_gpt, evaluate_judge, evaluate_teacher, evaluate_tokenizer,
+                     evaluate_unified, generated_row, reconstructions, t2i_scores)
 from utils.checkpoints import (check_resumable_on, config_diff, load_checkpoint, load_model, matching_weights,
                                save_checkpoint, tokenizer_id)
 from utils.cli import (SEED, OneLineErrors, check_folder, check_numbers, compile_toolchain_missing, device_and_dtype,
@@ -347,6 +348,52 @@ def train_gpt(args, tok_cfg, gpt_cfg):
 
 
 # ---------------------------------------------------------------------------------------------
+# Stage 5 (shapes, python train.py --stage unified): one transformer that captions the ids and draws
+# them from captions (tf.UnifiedGPT), trained without any image of the held-out (colour, shape) pairs
+
+
+def train_unified(args, tok_cfg, gpt_cfg):
+    tokenizer = trained_tokenizer(args, tok_cfg)
+    train_set, val_set = (captioned_tokens(args, tokenizer, split) for split in ("train", "val"))
+    path, tid = os.path.join(args.out_dir, "unified.pt"), tokenizer_id(tokenizer)
+    if args.resume:
+        check_resumable_on(path, "unified", tokenizer, f"{args.out_dir}/tokenizer.pt")
+    judge = trained_judge(args, class_names(args, tok_cfg.image_size))
+    torch.manual_seed(args.seed)
+    model = tf.UnifiedGPT(replace(gpt_cfg, vocab_size=len(VOCAB), caption_len=CAPTION_LEN), tokenizer).to(args.device)
+    net = wrap(model, args.device, args.world_size, args.compile)
+
+    def loss_fn(idx, words, _):
+        image_logits, word_logits = net(idx, words)
+        gen, cap = tf.gpt_loss(image_logits, idx), tf.caption_loss(word_logits, words)
+        return gen + cap, {"gen": gen.item(), "cap": cap.item()}
+
+    def save_fn(step, state):
+        save_checkpoint(path, "unified", model.cfg, model, step, tokenizer_config=asdict(tokenizer.cfg),
+                        tokenizer_id=tid, vocab=VOCAB, held_out_pairs=HELD_OUT_PAIRS, args=vars(args), **state)
+
+    eval_fn = lambda: evaluate_unified(model, eval_loader(rank_share(val_set, args.rank, args.world_size), 256),
+                                       args.device, args.dtype, all_sum)
+    row = train_loop(args, "unified", model, net, list(model.parameters()), train_set, loss_fn, eval_fn, save_fn,
+                     weight_decay=0.05)
+    if args.rank == 0:  # the last row: captions of the held-out split, text-to-image judged
+        ids, words = (torch.from_numpy(a.astype("int64")) for a in (val_set.ids, val_set.labels))
+        row = {"stage": "unified", "step": row["step"], "split": "val", **caption_scores(model, ids, words, args.device),
+               **(t2i_scores(model, tokenizer, judge, args.seed, args.device, args.dtype) if judge else {})}
+        log_metrics(args, row)
+    return row
+
+
+def captioned_tokens(args, tokenizer, split):
+    """A split's token file with each image's caption as its label (ids (N, L), words (N, W)); the
+    training split without the images of HELD_OUT_PAIRS."""
+    tokens = token_file(args, tokenizer, split)
+    words = dataset(args, tokenizer.cfg.image_size, split, len(tokens)).captions(range(len(tokens)))
+    keep = ~held_out_pair(words) if split == "train" else torch.ones(len(words), dtype=torch.bool)
+    return TokenDataset(tokens.ids[keep.numpy()], words[keep].numpy())
+
+
+# ---------------------------------------------------------------------------------------------
 # The PatchGAN's parts: the discriminator, its loss as DDP runs it, its optimiser and its step
 
 
@@ -413,6 +460,7 @@ DEFAULTS = {  # (preset, stage) -> iterations, global batch size, peak learning 
     ("toy", "decoder"): dict(iters=300, batch_size=16, lr=1e-3, ema=0),
     ("toy", "judge"): dict(iters=300, batch_size=128, lr=2e-3, ema=0),
     ("toy", "gpt"): dict(iters=1600, batch_size=16, lr=3e-3, ema=0),
+    ("toy", "unified"): dict(iters=1200, batch_size=16, lr=3e-3, ema=0),
     # TokenFlow-B: Adam 1e-4 as the paper; its teacher is CLIP ViT-B/16, given with --teacher
     ("tokenflow-b", "tokenizer"): dict(iters=100_000, batch_size=256, lr=1e-4, ema=0.9999),
     # the enhanced-decoder finetune: the paper gives no schedule; half the tokenizer's is our choice
@@ -448,6 +496,8 @@ def stages(args):
     """The stages this run trains, in order."""
     if args.finetune_decoder:
         return ["decoder"]
+    if args.stage == "unified":
+        return ["unified"]
     return [s for s in ("teacher", "tokenizer", "judge", "gpt") if args.stage in ("all", s)
             and not (s == "teacher" and args.teacher != "toy") and (args.preset, s) in DEFAULTS]
 
@@ -574,8 +624,9 @@ def parser():
     p = OneLineErrors(__doc__)
     # what to train
     p.add_argument("--preset", default="toy", help=f"model sizes, one of {sorted(tf.PRESETS)}")
-    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer", "judge", "gpt"],
-                   help="which stage to run; 'all' runs teacher, tokenizer, judge (toy preset), then GPT")
+    p.add_argument("--stage", default="all", choices=["all", "teacher", "tokenizer", "judge", "gpt", "unified"],
+                   help="which stage to run; 'all' runs teacher, tokenizer, judge (toy preset), then GPT; 'unified' "
+                        "(shapes, after 'all'): the transformer that captions images and draws captions")
     p.add_argument("--teacher", default="toy",
                    help="'toy': the teacher stage trains OUT_DIR/teacher.pt and the tokenizer stage reads it; "
                         "'clip-vit-b16': OpenAI CLIP ViT-B/16, downloaded once into $TOKENFLOW_CACHE "
@@ -657,6 +708,9 @@ def checked(p, args):
         p.error(str(e))
     if args.stage == "judge" and (args.preset, "judge") not in DEFAULTS:
         p.error(f"preset {args.preset!r} has no judge stage: the judge is a toy-preset classifier; use --preset toy")
+    if args.stage == "unified" and (args.dataset != "shapes" or args.preset != "toy"):
+        p.error(f"--stage unified needs captions, which only --dataset shapes has (--preset toy); "
+                f"got --dataset {args.dataset} --preset {args.preset}")
     if args.finetune_decoder and args.stage != "tokenizer":
         p.error("--finetune-decoder is a tokenizer-stage run: add --stage tokenizer")
     args.rank, args.world_size = rank_and_world_size()  # torchrun's
@@ -683,7 +737,8 @@ def main(argv=None):
     cfg = tf.enhanced_decoder(cfg) if args.enhanced_decoder else cfg
     run = {"teacher": lambda: train_teacher(args, cfg), "tokenizer": lambda: train_tokenizer(args, cfg),
            "decoder": lambda: finetune_decoder(args, cfg), "judge": lambda: train_judge(args, cfg),
-           "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"])}
+           "gpt": lambda: train_gpt(args, cfg, tf.PRESETS[args.preset]["gpt"]),
+           "unified": lambda: train_unified(args, cfg, tf.PRESETS[args.preset]["gpt"])}
     try:
         log(args, describe(args.dataset, args.data_path, cfg.image_size, args.seed, args.eval_images, args.out_dir))
         return {stage: run[stage]() for stage in stages(args)}

@@ -11,12 +11,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import tokenflow as tf
+
 SHAPES = ["disk", "ring", "triangle", "square", "plus", "star", "crescent", "bar"]
 PALETTE = np.array([  # foreground colours, saturated so they stand out of the grey backgrounds
     [0.90, 0.15, 0.15], [0.15, 0.75, 0.20], [0.20, 0.35, 0.95], [0.95, 0.85, 0.15],
     [0.85, 0.20, 0.85], [0.10, 0.85, 0.90], [0.98, 0.55, 0.10], [0.55, 0.25, 0.85],
 ], dtype=np.float32)
 COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
+# Captions "<colour> <shape>" (UnifiedGPT): one vocabulary, the model's special words first
+VOCAB = [*tf.SPECIAL_WORDS, *COLOURS, *SHAPES]
+CAPTION_LEN = 2
+# (colour, shape) pairs the unified transformer never sees in training, one per colour and one per
+# shape (a shifted diagonal of the 8 x 8 table: red star, green crescent, ...), so every word is seen
+# with 7 others and composition is what the held-out pairs test (Okawa et al. 2023)
+HELD_OUT_PAIRS = [(c, (c + 5) % len(SHAPES)) for c in range(len(COLOURS))]
 
 
 def shape_sdf(cls, u, v):
@@ -116,9 +125,38 @@ class ShapesDataset(torch.utils.data.Dataset):
             [0.15, 0.15, 0, 0], [0.3, 0.3, 2 * math.pi, 2 * math.pi]) for i in indices]
         return self.render({**p, "wobble": torch.tensor(np.stack(wobble), dtype=torch.float32)})
 
+    def captions(self, indices):
+        """The caption of each image, from its own drawn colour and shape -> word ids (B, CAPTION_LEN) long."""
+        p = self.params(indices)
+        return torch.stack([p["colour"].long() + VOCAB.index(COLOURS[0]), p["cls"].long() + VOCAB.index(SHAPES[0])], 1)
+
     def __getitems__(self, indices):  # the DataLoader renders a whole batch in one call
         p = self.params(indices)
         return list(zip(self.render(p), p["cls"].long()))
 
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
+
+
+def held_out_pair(words_BW, pairs=HELD_OUT_PAIRS):
+    """Which captions (B, 2) name one of the (colour, shape) pairs -> (B,) bool."""
+    colour, shape = words_BW[:, 0] - VOCAB.index(COLOURS[0]), words_BW[:, 1] - VOCAB.index(SHAPES[0])
+    return torch.stack([(colour == c) & (shape == s) for c, s in pairs]).any(0)
+
+
+def caption_ids(text, vocab=VOCAB, caption_len=CAPTION_LEN):
+    """A prompt ("red star") -> word ids (caption_len,) long, NULL_WORD after its words; ValueError naming
+    a word outside the vocabulary, or an empty or too long prompt."""
+    words = text.split()
+    if not 1 <= len(words) <= caption_len:
+        raise ValueError(f"prompt {text!r} has {len(words)} words; give 1 to {caption_len}, e.g. 'red star'")
+    unknown = [w for w in words if w not in vocab[len(tf.SPECIAL_WORDS):]]
+    if unknown:
+        raise ValueError(f"prompt {text!r}: {unknown[0]!r} is not in the vocabulary; "
+                         f"use {', '.join(vocab[len(tf.SPECIAL_WORDS):])}")
+    return torch.tensor([vocab.index(w) for w in words] + [tf.NULL_WORD] * (caption_len - len(words)))
+
+
+def caption_text(words_W, vocab=VOCAB):
+    """Word ids -> the caption as text, without fillers and END_WORD."""
+    return " ".join(vocab[i] for i in words_W.tolist() if i >= len(tf.SPECIAL_WORDS))

@@ -52,7 +52,7 @@ def save_checkpoint(path, kind, config, model, step=0, **extra):
 
 
 MADE_BY = {"teacher.pt": "--stage teacher", "tokenizer.pt": "--stage tokenizer", "judge.pt": "--stage judge",
-           "gpt.pt": "--stage gpt",
+           "gpt.pt": "--stage gpt", "unified.pt": "--stage unified",
            "decoder.pt": "--stage tokenizer --finetune-decoder --enhanced-decoder"}  # train.py's files and flags
 
 
@@ -61,7 +61,7 @@ def missing_file_hint(path, kind):
     out_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
     if name in MADE_BY:
         return f"train it first: python train.py {MADE_BY[name]} --out-dir {shlex.quote(out_dir)}"
-    if kind in ("teacher", "tokenizer", "judge", "gpt"):
+    if kind in ("teacher", "tokenizer", "judge", "gpt", "unified"):
         return f"check the path (python train.py --stage {kind} --out-dir DIR writes DIR/{kind}.pt)"
     return "check the path"
 
@@ -129,7 +129,7 @@ def check_resumable_on(path, kind, tokenizer, source):
     if not os.path.exists(path):
         return
     ckpt = load_checkpoint(path, kind)
-    theirs = ckpt["tokenizer_id"] if kind == "gpt" else tokenizer_id(load_model(path, kind)[0])
+    theirs = ckpt["tokenizer_id"] if kind in ("gpt", "unified") else tokenizer_id(load_model(path, kind)[0])
     if theirs != tokenizer_id(tokenizer):
         raise ValueError(f"cannot resume {path}: it was trained on the ids of another tokenizer than {source} "
                          f"({theirs[:12]} vs {tokenizer_id(tokenizer)[:12]}; retrained since?); drop --resume to "
@@ -143,7 +143,7 @@ def load_model(path, kind, tokenizer=None, classes=None, fix=""):
     be the same (ValueError ending in fix, what to do, otherwise)."""
     ckpt = load_checkpoint(path, kind)
     check_classes(ckpt.get("classes"), classes, f"{kind} {path}", fix)
-    if kind == "gpt":
+    if kind in ("gpt", "unified"):
         theirs = config_from_dict(tf.TokenizerConfig, ckpt["tokenizer_config"])
         diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
                 ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
@@ -154,7 +154,7 @@ def load_model(path, kind, tokenizer=None, classes=None, fix=""):
             raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
                              "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
                              "DIR/tokenizer.pt being it)")
-        model = tf.GPT(config_from_dict(tf.GPTConfig, ckpt["config"]), tokenizer)
+        model = (tf.GPT if kind == "gpt" else tf.UnifiedGPT)(config_from_dict(tf.GPTConfig, ckpt["config"]), tokenizer)
     else:
         cfg = config_from_dict(tf.TokenizerConfig, ckpt["config"])
         model = {"teacher": lambda: tf.Teacher(cfg, ckpt["num_classes"]), "tokenizer": lambda: tf.TokenFlow(cfg),

@@ -26,17 +26,22 @@ def class_rows(kept):
     return [torch.stack(row) for row in zip(*(t for c in sorted(kept) for t in kept[c]))]
 
 
-def save_grid(rows, path, zoom=3, header=None):
+def save_grid(rows, path, zoom=3, header=None, row_labels=None, captions=None):
     """rows: list of (B, 3, S, S) tensors in [-1, 1], one grid row each -> PNG, nearest-upscaled.
-    header: a short text per column (or None), written in a white strip above the grid."""
-    img = np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)  # (rows*S, B*S, 3)
-    grid = Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST)
-    if header:
-        tile, strip = grid.width // len(header), 16
-        framed = Image.new("RGB", (grid.width, grid.height + strip), "white")
-        draw = ImageDraw.Draw(framed)
-        for i, text in enumerate(header):
-            draw.text((i * tile + 3, 2), text, fill="black")
-        framed.paste(grid, (0, strip))
-        grid = framed
+    header: a short text per column, written in a white strip above the grid; row_labels: a text per
+    row, in a strip on the left; captions: per row, a text per image, in a strip under the row."""
+    tiles = [Image.fromarray(np.concatenate(list(to_uint8(r)), axis=1)) for r in rows]  # (S, B*S, 3) each
+    tiles = [t.resize((t.width * zoom, t.height * zoom), Image.NEAREST) for t in tiles]
+    top, left, under = 16 if header else 0, 8 * max(map(len, row_labels)) + 6 if row_labels else 0, 14 if captions else 0
+    grid = Image.new("RGB", (left + max(t.width for t in tiles), top + sum(t.height + under for t in tiles)), "white")
+    draw, y, tile = ImageDraw.Draw(grid), top, tiles[0].height
+    for i, text in enumerate(header or []):
+        draw.text((left + i * tile + 3, 2), text, fill="black")
+    for r, t in enumerate(tiles):
+        grid.paste(t, (left, y))
+        if row_labels:
+            draw.text((3, y + t.height // 2 - 6), row_labels[r], fill="black")
+        for i, text in enumerate(captions[r] if captions else []):
+            draw.text((left + i * tile + 2, y + t.height + 1), text, fill="black")
+        y += t.height + under
     grid.save(path)
