@@ -55,8 +55,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenflow as tf
 import train
 from data import TokenDataset, device_batches
-from utils.cli import OneLineErrors, check_device, run_script
 from data.shapes import ShapesDataset
+from utils.cli import OneLineErrors, check_device, run_script
+from utils.weights import LPIPS
 from metrics import autocast_ctx
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
@@ -377,7 +378,7 @@ def tokenizer_step(cfg):
     L2 + LPIPS + semantic + VQ, and the PatchGAN's two hinge terms (generator and discriminator,
     one backward, as train.py's tokenizer_loss)."""
     torch.manual_seed(0)
-    teacher, tokenizer, lpips = tf.Teacher(cfg).requires_grad_(False), tf.TokenFlow(cfg), tf.LPIPS()
+    teacher, tokenizer, lpips = tf.Teacher(cfg).requires_grad_(False), tf.TokenFlow(cfg), LPIPS()
     disc = tf.PatchDiscriminator()
     gan = train.GAN(disc, train.DiscriminatorLoss(disc), torch.optim.SGD(disc.parameters(), lr=0))
     x = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1

@@ -2,7 +2,7 @@
 Measure a trained tokenizer and GPT: four commands over the metric functions of metrics.py (which
 train.py logs at its evaluations too).
 
-    python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD
+    python evaluate.py                                    # held-out PSNR, SSIM, usage, ...; class_acc, FD; captions, t2i
     python evaluate.py probe [--pool grid]                # linear probes on each half of the codes
     python evaluate.py neighbours [--k 5]                 # nearest held-out images by each half: precision@k, a picture
     python evaluate.py export --num-images 50000          # out/samples.npz for the ADM suite (gFID, IS)
@@ -25,7 +25,9 @@ class-balanced samples (default: as many as the held-out images) at cfg 0 and at
 guidance (or --cfg-scale), scored by score_generated: class_acc (the judge's class of each image, and
 per class), teacher_class_acc, sem_class_acc (the teacher's head on the semantic features decoded
 from the same ids) and, on shapes, colours (distinct foreground colours per class, of 8: the
-diversity guard). FD-teacher and FD-judge are Frechet distances between mean-pooled teacher
+diversity guard). With unified.pt (train.py --stage unified) a row of stage unified: captions of the
+held-out images and text-to-image from every (colour, shape) pair, seen and held out (metrics.py's
+caption_scores and t2i_scores). FD-teacher and FD-judge are Frechet distances between mean-pooled teacher
 features (pooled judge features) of the samples and of the held-out images; the matrix square
 root is an eigen-decomposition (no scipy). fd_*_real is the same distance for as many real
 training images, the floor at that sample size. They are toy-scale checks, not FID.
@@ -55,9 +57,9 @@ import torch
 
 from data import DATASETS, EVAL_IMAGES, eval_loader, make_dataset, resolve_data_path
 from data.shapes import PALETTE, ShapesDataset
-from metrics import (DEFAULT_CFG_SCALE, SAMPLING, autocast_ctx, code_features, evaluate_judge, evaluate_teacher,
-                     evaluate_tokenizer, frechet_distance, generated_batches, linear_probe, nearest_neighbours,
-                     precision_at_k, score_generated)
+from metrics import (DEFAULT_CFG_SCALE, SAMPLING, autocast_ctx, caption_scores, code_features, evaluate_judge,
+                     evaluate_teacher, evaluate_tokenizer, frechet_distance, generated_batches, linear_probe,
+                     nearest_neighbours, precision_at_k, score_generated, t2i_scores)
 from utils.checkpoints import load_model, save_atomically
 from utils.cli import (IMAGE_OUTPUTS, SAMPLING_NUMBERS, OneLineErrors, check_classes, check_device, check_folder,
                        check_input_file, check_numbers, check_output_file, parse_refine, run_script)
@@ -215,13 +217,29 @@ def evaluate(run):
             rows.append({"stage": "eval", "split": "generated", "cfg": cfg_scale, "images": n, **scores, **fd, **floor})
     else:
         print(f"no {a.out_dir}/gpt.pt: the tokenizer only")
+    if os.path.exists(os.path.join(a.out_dir, "unified.pt")):
+        rows.append(evaluate_unified_model(run, val, judge))
     run.log(rows)
-    names = ["held-out"] + [f"generated cfg {row['cfg']:g}" for row in rows[1:]]
+    names = ["held-out"] + [f"generated cfg {row['cfg']:g}" if row["stage"] == "eval" else "unified" for row in rows[1:]]
     keys = dict.fromkeys(k for row in rows for k in row if k not in ("stage", "split", "tokenizer", "cfg")
                          and not isinstance(row[k], list))
     print_table([{"metric": k, **{name: row.get(k, "-") for name, row in zip(names, rows)}} for k in keys],
                 ["metric", *names])
     return rows
+
+
+@torch.no_grad()
+def evaluate_unified_model(run, val, judge):
+    """OUT_DIR/unified.pt (train.py --stage unified): captions of the held-out images, read through each half
+    (caption_scores), and text-to-image from every (colour, shape) pair at --cfg-scale (t2i_scores)."""
+    a, path = run.args, os.path.join(run.args.out_dir, "unified.pt")
+    if not isinstance(val, ShapesDataset):
+        raise ValueError(f"{path} reads captions, which only the shapes have; evaluate it with --dataset shapes")
+    model = load_model(path, "unified", run.tokenizer)[0].to(a.device).eval()
+    ids = torch.cat([run.tokenizer.encode(x.to(a.device)).cpu() for x, _ in eval_loader(val, 256)])
+    row = {"stage": "unified", "split": "val", **caption_scores(model, ids, val.captions(range(len(val))), a.device)}
+    return {**row, **(t2i_scores(model, run.tokenizer, judge, a.seed, a.device, a.dtype, a.batch_size,
+                                 **run.sampling(a.cfg_scale)) if judge else {})}
 
 
 @torch.no_grad()

@@ -86,7 +86,7 @@ import utils.checkpoints
 import utils.cli
 import utils.train_state
 import utils.weights
-from data import device_batches, fashion_mnist
+from data import device_batches, fashion_mnist, shapes
 from data.folders import FolderDataset, read_rgb
 from data.shapes import ShapesDataset
 from metrics import colour_coverage, foreground_colours
@@ -769,6 +769,129 @@ def test_gpt_checkpoint_holds_only_gpt_weights_and_round_trips(tmp_path, tiny, g
 
 
 # ---------------------------------------------------------------------------------------------
+# The unified transformer: captions <-> ids (issue 27)
+
+UNIFIED_TINY = replace(GPT_TINY, vocab_size=len(shapes.VOCAB), caption_len=shapes.CAPTION_LEN)
+
+
+@pytest.fixture(scope="module")
+def unified(tiny):
+    """A UnifiedGPT with random AdaLN projections (a new one's are zero), so the task embedding matters."""
+    torch.manual_seed(2)
+    model = tf.UnifiedGPT(UNIFIED_TINY, tiny).eval()
+    for ada in [block.ada for block in model.blocks] + [model.head_ada]:
+        torch.nn.init.normal_(ada[1].weight, std=0.1)
+    return model
+
+
+def captions(n, seed=0):
+    return ShapesDataset(n, 32, seed, "train").captions(range(n))
+
+
+def test_captions_are_deterministic_per_seed_split_and_index_and_name_what_is_drawn():
+    a = ShapesDataset(64, 32, 0, "train")
+    words = a.captions(range(64))
+    assert torch.equal(words[[9, 3]], ShapesDataset(64, 32, 0, "train").captions([9, 3]))  # any order, new object
+    assert not torch.equal(words, ShapesDataset(64, 32, 0, "val").captions(range(64)))
+    assert not torch.equal(words, ShapesDataset(64, 32, 1, "train").captions(range(64)))
+    x, y = zip(*a.__getitems__(range(64)))
+    assert torch.equal(words[:, 1] - shapes.VOCAB.index("disk"), torch.stack(y))  # the shape word is the class
+    colours = foreground_colours(torch.stack(x))
+    assert torch.equal(words[:, 0] - shapes.VOCAB.index("red"), colours)  # the colour word is what is drawn
+    assert shapes.caption_text(words[0]) == f"{shapes.COLOURS[colours[0]]} {shapes.SHAPES[y[0]]}"
+
+
+def test_held_out_pairs_cover_every_colour_and_every_shape_once():
+    colours, shape_ids = zip(*shapes.HELD_OUT_PAIRS)
+    assert sorted(colours) == sorted(shape_ids) == list(range(8))
+    words = torch.stack([shapes.caption_ids(f"{shapes.COLOURS[c]} {shapes.SHAPES[s]}") for c in range(8) for s in range(8)])
+    assert shapes.held_out_pair(words).sum() == 8 and shapes.held_out_pair(shapes.caption_ids("red star")[None]).item()
+
+
+def test_text_prefix_is_causal_and_image_ids_never_reach_the_caption_positions(unified):
+    words = captions(3)
+    idx = torch.randint(0, TINY.codebook_size, (3, TINY.seq_len), generator=torch.Generator().manual_seed(0))
+    W, bounds = UNIFIED_TINY.caption_len, scale_bounds(TINY)
+    with torch.no_grad():
+        hidden, (logits, _) = unified.t2i_hidden(idx, words), unified(idx, words)
+        for k, (a, b) in enumerate(bounds[:-1]):
+            changed = idx.clone()
+            changed[:, a:b] = (changed[:, a:b] + 1) % TINY.codebook_size
+            moved, (after, _) = unified.t2i_hidden(changed, words), unified(changed, words)
+            assert torch.allclose(moved[:, :W], hidden[:, :W], atol=1e-6)  # the caption never sees the image
+            assert torch.allclose(after[:, :b], logits[:, :b], atol=1e-6), k  # scales <= k: unchanged
+            assert (after[:, b:] - logits[:, b:]).abs().amax() > 1e-4, k  # later scales move
+        other = words.clone()
+        other[:, 1] = (other[:, 1] - 9) % 8 + 10  # another shape word
+        assert torch.allclose(unified.t2i_hidden(idx, other)[:, :1], hidden[:, :1], atol=1e-6)  # word 1 before word 2
+        assert (unified(idx, other)[0] - logits).abs().amax() > 1e-4  # every scale reads the caption
+        _, words_logits = unified(idx, words)
+        _, other_logits = unified(idx, other)
+        assert torch.allclose(other_logits[:, :2], words_logits[:, :2], atol=1e-6)  # word 2 never predicts itself
+        assert (other_logits[:, 2] - words_logits[:, 2]).abs().amax() > 1e-4
+
+
+def test_cached_generation_and_captions_equal_the_uncached_argmax(unified):
+    words = torch.cat([captions(3), torch.full((1, 2), tf.NULL_WORD)])  # and the null caption
+    idx = unified.generate(words, cfg_scale=0, top_k=1)
+    assert idx.shape == (4, TINY.seq_len)
+    said = unified.caption(idx)
+    with torch.no_grad():
+        image_logits, _ = unified(idx, words)
+        _, word_logits = unified(idx, said)
+    assert torch.equal(image_logits.argmax(-1), idx)  # every position, every scale
+    ended = (word_logits.argmax(-1) == tf.END_WORD).cumsum(1) > 0
+    assert torch.equal(word_logits.argmax(-1)[:, :2].masked_fill(ended[:, :2], tf.NULL_WORD), said)
+    for view in ("sem", "pix"):  # each view reads a half: it captions otherwise
+        assert not torch.equal(unified.image_prefix(idx, [view] * 4), unified.image_prefix(idx, ["both"] * 4))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_guidance_against_the_null_caption_follows_the_formula(unified, schedule):
+    words, cfg_scale = captions(2), 2.5
+    idx = unified.generate(words, cfg_scale=cfg_scale, cfg_schedule=schedule, top_k=1)
+    with torch.no_grad():
+        cond, uncond = unified(idx, words)[0], unified(idx, torch.full_like(words, tf.NULL_WORD))[0]
+    S = len(TINY.scales)
+    for si, (a, b) in enumerate(scale_bounds(TINY)):
+        t = cfg_scale * si / (S - 1) if schedule == "linear" else cfg_scale
+        assert torch.equal(((1 + t) * cond[:, a:b] - t * uncond[:, a:b]).argmax(-1), idx[:, a:b]), si
+    assert not torch.equal(cond.argmax(-1), uncond.argmax(-1))  # the caption matters, so the check can fail
+
+
+def test_caption_loss_counts_each_word_and_one_end():
+    logits = torch.randn(2, 3, len(shapes.VOCAB))
+    words = torch.tensor([[4, 12], [5, tf.NULL_WORD]])  # two words; one word then the filler
+    targets = [(0, 0, 4), (0, 1, 12), (0, 2, tf.END_WORD), (1, 0, 5), (1, 1, tf.END_WORD)]
+    want = sum(-logits[b, j].log_softmax(-1)[t] for b, j, t in targets) / len(targets)
+    assert torch.allclose(tf.caption_loss(logits, words), want)
+
+
+def test_unified_model_learns_one_batch(tiny):
+    torch.manual_seed(0)
+    model = tf.UnifiedGPT(UNIFIED_TINY, tiny)
+    idx, words = torch.randint(0, TINY.codebook_size, (4, TINY.seq_len)), captions(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        image_logits, word_logits = model(idx, words)
+        loss = tf.gpt_loss(image_logits, idx) + tf.caption_loss(word_logits, words)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("red kite", "'kite' is not in the vocabulary; use red, green"), ("", "has 0 words"),
+    ("red star now", "has 3 words; give 1 to 2")])
+def test_bad_prompts_name_the_problem(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shapes.caption_ids(text)
+
+
+# ---------------------------------------------------------------------------------------------
 # Configs and presets
 
 
@@ -1252,7 +1375,7 @@ def test_grids_keep_the_first_examples_of_each_class():
 
 def test_lpips_is_zero_on_identical_images_symmetric_and_positive():
     torch.manual_seed(0)
-    lpips = tf.LPIPS()
+    lpips = utils.weights.LPIPS()
     for lin in lpips.lins:  # LPIPS v0.1 heads are non-negative
         lin.weight.data.abs_()
     x, y = images(3, 32), images(3, 32, seed=1)
@@ -1263,7 +1386,7 @@ def test_lpips_is_zero_on_identical_images_symmetric_and_positive():
 
 def test_load_lpips_reads_torchvision_vgg_and_lpips_heads(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    ref = tf.LPIPS()
+    ref = utils.weights.LPIPS()
     vgg = {f"features.{k}": v for k, v in ref.features.state_dict().items()}
     vgg["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision's file holds the classifier too
     torch.save(vgg, tmp_path / "vgg16-397923af.pth")
@@ -2120,6 +2243,90 @@ def test_scales_and_neighbours_bad_input_exit_2_and_write_nothing(toy_run, tmp_p
     r = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
     assert sorted(os.listdir(out)) == before and not os.listdir(tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def unified_run(toy_run, tmp_path_factory):
+    """Three steps of --stage unified on the toy run's files (64 tokenized images), recording every
+    caption the transformer trains on; text-to-image scored on 1 image per seen pair, 4 per held-out one."""
+    out, seen = str(tmp_path_factory.mktemp("unified") / "out"), []
+    shutil.copytree(toy_run[0], out)
+    forward = tf.UnifiedGPT.forward
+
+    def spy(self, idx, words):
+        if self.training:
+            seen.append(words.clone())
+        return forward(self, idx, words)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tf.UnifiedGPT, "forward", spy)
+        pair_prompts = metrics.pair_prompts
+        mp.setattr(metrics, "pair_prompts", lambda: pair_prompts(1, 4))
+        results = train.main(["--stage", "unified", "--iters", "3", "--out-dir", out, "--token-images", "64",
+                              "--eval-images", "128", "--batch-size", "8"])
+    return out, results, torch.cat(seen)
+
+
+def test_held_out_pairs_never_reach_the_unified_training_batches(unified_run):
+    out, results, seen = unified_run
+    assert len(seen) == 3 * 8  # every training row went through the spy
+    assert shapes.held_out_pair(captions(64)).sum() >= 4  # the token file holds held-out pairs: the filter has work
+    assert not shapes.held_out_pair(seen).any()
+    row = results["unified"]
+    keys = [f"caption_{w}_acc{v}" for w in ("shape", "colour", "exact") for v in ("", "_sem", "_pix")] + \
+        ["caption_exact_acc_heldout"] + [f"t2i_{w}_acc{v}" for w in ("shape", "colour", "joint") for v in ("", "_heldout")]
+    assert row["stage"] == "unified" and all(0 <= row[k] <= 1 for k in keys) and row["cfg"] == metrics.DEFAULT_CFG_SCALE
+    assert (row["t2i_images"], row["t2i_images_heldout"]) == (56, 32)
+    assert row["caption_images"] + row["caption_images_heldout"] == 128
+    assert json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1]) == row
+
+
+def test_prompt_grid_captions_and_evaluate_row(unified_run, tmp_path, capsys):
+    out = unified_run[0]
+    sample.main(["--prompt", "red star", "blue ring", "star", "--per-class", "3", "--out-dir", out,
+                 "--out", str(tmp_path / "p.png")])
+    assert "red star (held out), blue ring, star" in capsys.readouterr().out
+    assert Image.open(tmp_path / "p.png").size[1] == 3 * 96
+    x, _ = zip(*ShapesDataset(3, 32, 0, "val").__getitems__(range(3)))
+    files = []
+    for i, image in enumerate(x):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(to_uint8(image[None])[0]).save(files[-1])
+    sample.main(["caption", *files, "--out-dir", out, "--out", str(tmp_path / "c.png")])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.split()[-1].endswith(f"{i}.png") for i, line in enumerate(lines[:3]))
+    assert all(set(line[:20].split()) <= set(shapes.VOCAB[2:]) for line in lines[:3])  # words of the vocabulary
+    sample.main(["caption", "--out-dir", out, "--out", str(tmp_path / "h.png")])  # 8 held-out pairs, 8 seen
+    assert sum("(held-out pair)" in line for line in capsys.readouterr().out.splitlines()) == 8
+    rows = evaluate.main(["--out-dir", out, "--eval-images", "64", "--num-images", "8"])
+    assert rows[-1]["stage"] == "unified" and 0 <= rows[-1]["t2i_joint_acc_heldout"] <= 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample.py", "--prompt", "red kite", "--out-dir", "UNIFIED"], "'kite' is not in the vocabulary; use red, green"),
+    (["sample.py", "--prompt", " ", "--out-dir", "UNIFIED"], "an empty prompt"),
+    (["sample.py", "--prompt", "big red star", "--out-dir", "UNIFIED"], "has 3 words; give 1 to 2"),
+    (["sample.py", "caption", "missing.png", "--out-dir", "UNIFIED"], "missing.png"),
+    (["sample.py", "caption", "NOT_AN_IMAGE", "--out-dir", "UNIFIED"], "cannot read image"),
+    (["sample.py", "--prompt", "red star", "--out-dir", "TOY"], "python train.py --stage unified --out-dir"),
+    (["sample.py", "--prompt", "red star", "--out-dir", "FASHION"], "which has no captions"),
+    (["train.py", "--stage", "unified", "--dataset", "fashion-mnist", "--out-dir", "TOY"], "only --dataset shapes has"),
+])
+def test_unified_bad_input_exits_2_with_one_line_and_writes_nothing(unified_run, toy_run, tmp_path, argv, message):
+    dirs = {"UNIFIED": tmp_path / "unified", "TOY": tmp_path / "toy", "FASHION": tmp_path / "fashion"}
+    shutil.copytree(unified_run[0], dirs["UNIFIED"])
+    shutil.copytree(toy_run[0], dirs["TOY"])
+    shutil.copytree(toy_run[0], dirs["FASHION"])
+    ckpt = load_checkpoint(str(dirs["FASHION"] / "tokenizer.pt"))
+    ckpt["args"]["dataset"] = "fashion-mnist"  # a run on data without captions
+    torch.save(ckpt, dirs["FASHION"] / "tokenizer.pt")
+    (tmp_path / "notes.txt").write_text("not an image")
+    before = {k: sorted(os.listdir(d)) for k, d in dirs.items()}
+    argv = [str(dirs[a]) if a in dirs else str(tmp_path / "notes.txt") if a == "NOT_AN_IMAGE" else a for a in argv]
+    r = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert {k: sorted(os.listdir(d)) for k, d in dirs.items()} == before
 
 
 def test_linear_probe_beats_chance_on_separable_features_and_not_on_random_labels():

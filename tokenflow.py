@@ -12,11 +12,14 @@ Notable choices
 - Multi-scale residual quantization as in VAR: the residual is quantized at growing scales 1x1 ... nxn,
   each scale's codes are upsampled and summed; a token sequence is all scales' indices, coarse to fine.
 - Two decoders: a small ViT maps the semantic half back to teacher features (cosine loss), a VQGAN-style
-  CNN maps the pixel half back to the image (L2; LPIPS and a PatchGAN, in the Losses section, join in
+  CNN maps the pixel half back to the image (L2; LPIPS and a PatchGAN, the Losses section's, join in
   the real-scale recipe).
 - A GPT generates the shared ids scale by scale (VAR's next-scale prediction): all tokens of scale k at
   once from the cumulative codes of scales < k, under block-causal attention; sampling runs one forward
   per scale through a KV cache, with classifier-free guidance and TokenFlow's multi-step refinement.
+- The paper's other half, at toy scale: one transformer (UnifiedGPT) reads the shared ids into a caption
+  (f_hat through a projector, as a prefix) and writes them from a caption (next-scale prediction after
+  the words), the task given by AdaLN.
 - At toy scale a Judge, a small CNN trained on images and their reconstructions, says which class a
   generated image shows (train.py's judge stage; evaluate.py's class_acc).
 - Each idea is written in its plain form where it is used; the faster equivalents the code runs
@@ -35,6 +38,8 @@ References
 6) Classifier-free guidance, Ho & Salimans 2022: https://arxiv.org/abs/2207.12598 ;
    nucleus (top-p) sampling, Holtzman et al. 2019: https://arxiv.org/abs/1904.09751
 7) DiT (adaLN), Peebles & Xie 2023: https://arxiv.org/abs/2212.09748
+8) LLaVA (projector prefix), Liu et al. 2023: https://arxiv.org/abs/2304.08485 ; Show-o (one transformer,
+   both directions), Xie et al. 2024: https://arxiv.org/abs/2408.12528
 """
 
 import math
@@ -401,6 +406,15 @@ def add_scale(f_hat_BCnn, q_BCss):
     return f_hat_BCnn + upsample(q_BCss, f_hat_BCnn.shape[-1])
 
 
+def cumulative_features(codes_BLC, scales):
+    """The codes of all scales' ids (B, L, C) -> [f_hat (B, C, n, n) after scales 1..k for k = 1 .. S]: the
+    running sum, coarse to fine, as the quantizer builds it (the GPT reads each as the next scale's input)."""
+    f_hat = [codes_BLC.new_zeros(len(codes_BLC), codes_BLC.shape[2], scales[-1], scales[-1])]
+    for s, q_BlC in zip(scales, codes_BLC.split([s * s for s in scales], dim=1)):
+        f_hat.append(add_scale(f_hat[-1], q_BlC.transpose(1, 2).unflatten(2, (s, s))))
+    return f_hat[1:]
+
+
 class TokenFlow(nn.Module):
     """Image (B, 3, H, W) in [-1, 1] <-> shared ids (B, L) over all scales; see the module docstring."""
 
@@ -473,8 +487,7 @@ class TokenFlow(nn.Module):
         return self.cumulative_features(idx_BL)[-1]
 
     def cumulative_features(self, idx_BL):
-        """(B, L) ids of all scales -> [f_hat (B, C, n, n) after scales 1..k for k = 1 .. S]: the running
-        sum, coarse to fine, as the quantizer builds it (the GPT reads each as the next scale's input)."""
+        """(B, L) ids of all scales -> [f_hat (B, C, n, n) after scales 1..k for k = 1 .. S]."""
         cfg = self.cfg
         if idx_BL.ndim != 2 or idx_BL.shape[1] != cfg.seq_len:
             raise ValueError(f"token ids have shape {tuple(idx_BL.shape)}, expected (B, {cfg.seq_len}) "
@@ -482,10 +495,7 @@ class TokenFlow(nn.Module):
         if idx_BL.numel() and (idx_BL.min() < 0 or idx_BL.max() >= cfg.codebook_size):
             raise ValueError(f"token ids must lie in [0, {cfg.codebook_size}), the codebook size; got "
                              f"[{idx_BL.min().item()}, {idx_BL.max().item()}]")
-        f_hat = [self.codebook.sem.new_zeros(len(idx_BL), cfg.sem_dim + cfg.pix_dim, cfg.grid, cfg.grid)]
-        for s, idx_Bl in zip(cfg.scales, idx_BL.split([s * s for s in cfg.scales], dim=1)):
-            f_hat.append(add_scale(f_hat[-1], self.codebook.lookup(idx_Bl).transpose(1, 2).unflatten(2, (s, s))))
-        return f_hat[1:]
+        return cumulative_features(self.codebook.lookup(idx_BL), cfg.scales)
 
     def pixel_half(self, f_hat_BCnn):
         """What the pixel decoder reads: the pixel half or, without one, the semantic codes with their
@@ -694,11 +704,8 @@ class GPT(nn.Module):
     def image_inputs(self, idx_BL, cond_BD):
         """The inputs of all L positions, embedded (B, L, D): the start tokens, then for each next scale
         the sum of the codes so far (as the tokenizer builds it), area-resized to that scale."""
-        x, f_hat = [self.start_tokens(cond_BD)], self.codes.new_zeros(len(idx_BL), self.codes.shape[1], self.grid, self.grid)
-        idx_per_scale = idx_BL.split([s * s for s in self.scales], dim=1)
-        for s, s_next, idx_Bl in zip(self.scales, self.scales[1:], idx_per_scale):
-            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
-            x.append(self.next_input(f_hat, s_next))
+        f_hat = cumulative_features(self.codes[idx_BL], self.scales)
+        x = [self.start_tokens(cond_BD)] + [self.next_input(f, s) for f, s in zip(f_hat, self.scales[1:])]
         return self.embed(torch.cat(x, dim=1), 0)
 
     def transformer(self, x_BlD, cond_BD, mask=None, caches=None):
@@ -780,6 +787,13 @@ NULL_WORD, END_WORD = 0, 1  # a caption's filler (all of it: the null caption, f
 GENERATE, CAPTION = 0, 1  # the tasks, which AdaLN reads where the class-conditional GPT reads the class
 
 
+def prefix_mask(first, then):
+    """The mask (a + b, a + b) of a sequence [a tokens, b tokens]: the first a attend among themselves as
+    the mask first (a, a) says, never to the b after them; the b attend to all a, and among themselves as then."""
+    return torch.cat([torch.cat([first, first.new_zeros(len(first), len(then))], 1),
+                      torch.cat([then.new_ones(len(then), len(first)), then], 1)])
+
+
 class UnifiedGPT(GPT):
     """One transformer for both directions over a tokenizer's shared ids, the task in AdaLN's condition
     (Janus and Show-o train one model on both; the official TokenFlow code uses two LLMs).
@@ -797,10 +811,9 @@ class UnifiedGPT(GPT):
 
     def __init__(self, cfg, tokenizer):
         if cfg.vocab_size <= len(SPECIAL_WORDS) or cfg.caption_len < 1:
-            raise ValueError(f"a UnifiedGPT needs words beyond {SPECIAL_WORDS} (vocab_size {cfg.vocab_size}) "
-                             f"and caption_len >= 1 (got {cfg.caption_len})")
+            raise ValueError(f"a UnifiedGPT needs vocab_size > {len(SPECIAL_WORDS)} and caption_len >= 1, got {cfg}")
         super().__init__(replace(cfg, num_classes=2), tokenizer)  # the two "classes" are the tasks
-        D, W, n, L = cfg.width, cfg.caption_len, self.grid, len(self.level)
+        D, W, n = cfg.width, cfg.caption_len, self.grid
         self.sem_dim = tokenizer.cfg.sem_dim
         self.word_emb = nn.Embedding(cfg.vocab_size, D)
         self.text_pos = nn.Parameter(torch.randn(W, D) * 0.02)
@@ -811,20 +824,14 @@ class UnifiedGPT(GPT):
         nn.init.trunc_normal_(self.word_emb.weight, std=0.02)
         causal = torch.ones(W, W, dtype=torch.bool).tril()
         self.register_buffer("text_mask", causal, persistent=False)
-        self.register_buffer("t2i_mask", torch.cat([  # (W + L, W + L): caption first, then the image
-            torch.cat([causal, causal.new_zeros(W, L)], 1), torch.cat([causal.new_ones(L, W), self.mask], 1)]),
-            persistent=False)
-        self.register_buffer("i2t_mask", torch.cat([  # (n*n + W, n*n + W): image prefix first, then the words
-            torch.cat([causal.new_ones(n * n, n * n), causal.new_zeros(n * n, W)], 1),
-            torch.cat([causal.new_ones(W, n * n), causal], 1)]), persistent=False)
+        self.register_buffer("t2i_mask", prefix_mask(causal, self.mask), persistent=False)  # (W + L, W + L)
+        self.register_buffer("i2t_mask", prefix_mask(causal.new_ones(n * n, n * n), causal), persistent=False)
 
     def check_inputs(self, words_BW, idx_BL=None):
         W, V = self.cfg.caption_len, self.cfg.vocab_size
-        if words_BW.dtype != torch.long or words_BW.ndim != 2 or words_BW.shape[1] != W or \
-                ((words_BW < 0) | (words_BW >= V)).any():
-            raise ValueError(f"captions must be word ids (B, {W}) long in [0, {V}), got {tuple(words_BW.shape)} "
-                             f"{words_BW.dtype}")
-        super().check_inputs(torch.zeros(len(words_BW), dtype=torch.long, device=words_BW.device), idx_BL)
+        if words_BW.dtype != torch.long or words_BW.shape[1:] != (W,) or ((words_BW < 0) | (words_BW >= V)).any():
+            raise ValueError(f"captions must be word ids (B, {W}) long in [0, {V}), got {words_BW.dtype} {words_BW}")
+        super().check_inputs(words_BW.new_zeros(len(words_BW)), idx_BL)  # (the task is not an input)
 
     def task(self, task, B):
         return self.class_emb(torch.full((B,), task, device=self.level.device))  # (B, D)
@@ -834,9 +841,7 @@ class UnifiedGPT(GPT):
 
     def image_prefix(self, idx_BL, views):
         """f_hat of the ids (all scales), one view per row (views: B names), projected -> (B, n*n, D)."""
-        f_hat = self.codes.new_zeros(len(idx_BL), self.codes.shape[1], self.grid, self.grid)
-        for s, idx_Bl in zip(self.scales, idx_BL.split([s * s for s in self.scales], dim=1)):
-            f_hat = add_scale(f_hat, self.scale_codes(idx_Bl, s))
+        f_hat = cumulative_features(self.codes[idx_BL], self.scales)[-1]
         keep = torch.ones(len(idx_BL), f_hat.shape[1], device=f_hat.device)
         keep[[v == "pix" for v in views], :self.sem_dim] = 0
         keep[[v == "sem" for v in views], self.sem_dim:] = 0
@@ -848,10 +853,10 @@ class UnifiedGPT(GPT):
         V): caption, both views in eval, a random one per row in training)."""
         self.check_inputs(words_BW, idx_BL)
         B, W = words_BW.shape
-        views = [self.VIEWS[i] for i in torch.randint(3, (B,))] if self.training else ["both"] * B
         image_logits = self.head(self.t2i_hidden(idx_BL, words_BW)[:, W:])
-        cond = self.task(CAPTION, B)
+        views = [self.VIEWS[i] for i in torch.randint(3, (B,))] if self.training else ["both"] * B
         x = torch.cat([self.image_prefix(idx_BL, views), self.embed_words(words_BW)], 1)  # (B, n*n + W, D)
+        cond = self.task(CAPTION, B)
         word_logits = self.word_head(self.transformer(x, cond, mask=self.i2t_mask)[:, self.grid ** 2 - 1:])
         return image_logits, word_logits
 
@@ -880,13 +885,12 @@ class UnifiedGPT(GPT):
         B, W = len(idx_BL), self.cfg.caption_len
         self.check_inputs(torch.zeros(B, W, dtype=torch.long, device=idx_BL.device), idx_BL)
         caches, cond, words = [KVCache() for _ in self.blocks], self.task(CAPTION, B), []
-        h = self.transformer(self.image_prefix(idx_BL, [view] * B), cond, caches=caches)[:, -1:]
+        h = self.transformer(self.image_prefix(idx_BL, [view] * B), cond, caches=caches)[:, -1]  # (B, D)
         for j in range(W):
-            words.append(self.word_head(h[:, 0]).argmax(-1))  # (B,)
-            h = self.transformer(self.embed_words(words[-1][:, None], j), cond, caches=caches)
+            words.append(self.word_head(h).argmax(-1))  # (B,)
+            h = self.transformer(self.embed_words(words[-1][:, None], j), cond, caches=caches)[:, -1]
         words = torch.stack(words, 1)
-        ended = (words == END_WORD).cumsum(1) > 0  # END and what follows it
-        return words.masked_fill(ended, NULL_WORD)
+        return words.masked_fill((words == END_WORD).cumsum(1) > 0, NULL_WORD)  # END and what follows it
 
 
 def caption_loss(word_logits_BWV, words_BW):
@@ -899,37 +903,8 @@ def caption_loss(word_logits_BWV, words_BW):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses of the real-scale recipe: LPIPS and a PatchGAN discriminator with hinge losses (VQGAN's)
-
-
-class LPIPS(nn.Module):
-    """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
-    features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
-    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,); weights:
-    load_lpips in utils/weights.py, beside the CLIP loader."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
-            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-            c = c if v == "M" else v
-        self.features = nn.Sequential(*layers)  # the indices of torchvision's vgg16().features
-        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))  # LPIPS's input
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))  # normalisation
-        self.requires_grad_(False)
-
-    def forward(self, x, y):
-        h, dist, lins = (torch.cat([x, y]) - self.shift) / self.scale, 0, iter(self.lins)
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fx, fy = f.chunk(2)
-                dist = dist + next(lins)((fx - fy) ** 2).mean((2, 3))
-        return dist.flatten()  # (B,)
+# Losses of the real-scale recipe: a PatchGAN discriminator with hinge losses (VQGAN's; LPIPS, a
+# fixed pretrained network, is utils/weights.py's)
 
 
 class PatchDiscriminator(nn.Module):

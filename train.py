@@ -702,15 +702,15 @@ def checked(p, args):
     if args.teacher not in ("toy", "clip-vit-b16") and not os.path.isfile(args.teacher):
         p.error(f"--teacher {args.teacher!r}: no such file; give 'toy', 'clip-vit-b16' or the path of a teacher "
                 "checkpoint or CLIP weights")
+    if args.stage == "unified" and (args.dataset != "shapes" or args.preset != "toy"):
+        p.error(f"--stage unified needs captions, which only --dataset shapes has (--preset toy); "
+                f"got --dataset {args.dataset} --preset {args.preset}")
     try:
         args.data_path = resolve_data_path(args.dataset, args.data_path)
     except ValueError as e:
         p.error(str(e))
     if args.stage == "judge" and (args.preset, "judge") not in DEFAULTS:
         p.error(f"preset {args.preset!r} has no judge stage: the judge is a toy-preset classifier; use --preset toy")
-    if args.stage == "unified" and (args.dataset != "shapes" or args.preset != "toy"):
-        p.error(f"--stage unified needs captions, which only --dataset shapes has (--preset toy); "
-                f"got --dataset {args.dataset} --preset {args.preset}")
     if args.finetune_decoder and args.stage != "tokenizer":
         p.error("--finetune-decoder is a tokenizer-stage run: add --stage tokenizer")
     args.rank, args.world_size = rank_and_world_size()  # torchrun's

@@ -192,7 +192,38 @@ def clip_teacher(path, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The LPIPS weights and the teacher of a run
+# LPIPS, a fixed pretrained network, with its weights; the teacher of a run
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance, v0.1 (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): VGG16
+    features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences weighted per
+    channel by 1x1 heads, averaged over space, summed over layers. Images in [-1, 1] -> (B,); weights:
+    load_lpips below; the tokenizer's recipe adds it to the pixel loss."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)  # the indices of torchvision's vgg16().features
+        self.taps = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))  # LPIPS's input
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))  # normalisation
+        self.requires_grad_(False)
+
+    def forward(self, x, y):
+        h, dist, lins = (torch.cat([x, y]) - self.shift) / self.scale, 0, iter(self.lins)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                fx, fy = f.chunk(2)
+                dist = dist + next(lins)((fx - fy) ** 2).mean((2, 3))
+        return dist.flatten()  # (B,)
+
 
 
 def load_lpips(weights_dir):
@@ -200,7 +231,7 @@ def load_lpips(weights_dir):
     LPIPS heads), each downloaded once if missing and checked."""
     vgg = checked_download(VGG16_URL, os.path.join(weights_dir, "vgg16-397923af.pth"), "sha256", VGG16_SHA256)
     heads = checked_download(LPIPS_URL, os.path.join(weights_dir, "vgg.pth"), "md5", LPIPS_MD5)
-    lpips, vgg_sd, heads_sd = tf.LPIPS(), read_weights(vgg), read_weights(heads)
+    lpips, vgg_sd, heads_sd = LPIPS(), read_weights(vgg), read_weights(heads)
     lpips.features.load_state_dict(matching_weights(
         lpips.features, {k[len("features."):]: v for k, v in vgg_sd.items() if k.startswith("features.")}, vgg))
     lpips.lins.load_state_dict(matching_weights(  # (a head missing from the file is named as ours: lins.i)
