@@ -836,6 +836,9 @@ class UnifiedGPT(GPT):
     def task(self, task, B):
         return self.class_emb(torch.full((B,), task, device=self.level.device))  # (B, D)
 
+    def generate_condition(self, words_BW):  # AdaLN's condition of the generate task (B, D)
+        return self.task(GENERATE, len(words_BW)) + self.word_emb(words_BW).mean(1)  # + the pooled caption
+
     def embed_words(self, words_Bw, start=0):  # the words at caption positions start .. start + w -> (B, w, D)
         return self.word_emb(words_Bw) + self.text_pos[start:start + words_Bw.shape[1]]
 
@@ -866,7 +869,7 @@ class UnifiedGPT(GPT):
         if self.training and self.cfg.class_drop > 0:
             drop = torch.rand(len(words_BW), device=words_BW.device) < self.cfg.class_drop
             words_BW = torch.where(drop[:, None], NULL_WORD, words_BW)
-        cond = self.task(GENERATE, len(words_BW))
+        cond = self.generate_condition(words_BW)
         x = torch.cat([self.embed_words(words_BW), self.image_inputs(idx_BL, cond)], 1)
         return self.transformer(x, cond, mask=self.t2i_mask)
 
@@ -874,7 +877,7 @@ class UnifiedGPT(GPT):
         """Sampling's condition: the caption (and with guidance the null caption after it) run into the
         caches; every row reads the generate task (B or 2B, D)."""
         rows = torch.cat([words_BW, torch.full_like(words_BW, NULL_WORD)]) if guided else words_BW
-        cond = self.task(GENERATE, len(rows))
+        cond = self.generate_condition(rows)
         self.transformer(self.embed_words(rows), cond, mask=self.text_mask, caches=caches)
         return cond
 

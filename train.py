@@ -363,10 +363,10 @@ def train_unified(args, tok_cfg, gpt_cfg):
     model = tf.UnifiedGPT(replace(gpt_cfg, vocab_size=len(VOCAB), caption_len=CAPTION_LEN), tokenizer).to(args.device)
     net = wrap(model, args.device, args.world_size, args.compile)
 
-    def loss_fn(idx, words, _):
+    def loss_fn(idx, words, _):  # every image both drawn from its caption and captioned, in one batch
         image_logits, word_logits = net(idx, words)
         gen, cap = tf.gpt_loss(image_logits, idx), tf.caption_loss(word_logits, words)
-        return gen + cap, {"gen": gen.item(), "cap": cap.item()}
+        return gen + CAPTION_WEIGHT * cap, {"gen": gen.item(), "cap": cap.item()}
 
     def save_fn(step, state):
         save_checkpoint(path, "unified", model.cfg, model, step, tokenizer_config=asdict(tokenizer.cfg),
@@ -487,6 +487,9 @@ JUDGE = {  # dataset -> training images the judge reads (each also as its recons
     # right, 8,192 at width 16 (600 steps) 84.4%, 16,384 at width 32 86.1% (data/fashion_mnist/README.md)
     "other": dict(images=16384, width=32),
 }
+# the unified stage's loss: ids + this x words. At weight 1 the caption's gradients, 3-5x the image loss's
+# early on, fill the norm that clipping holds at 1.0 and slow text-to-image (data/shapes/README.md)
+CAPTION_WEIGHT = 0.1
 JUDGED_SAMPLES = 64  # generated images per class that the GPT stage's last row scores
 CODEBOOKS = {"dual": {}, "pixel": dict(sem_dim=0), "semantic": dict(pix_dim=0)}  # --codebook: a half of width 0 is absent
 WARMUP = 0.05  # fraction of a stage's steps spent warming up the learning rate

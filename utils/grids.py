@@ -32,7 +32,7 @@ def save_grid(rows, path, zoom=3, header=None, row_labels=None, captions=None):
     row, in a strip on the left; captions: per row, a text per image, in a strip under the row."""
     tiles = [Image.fromarray(np.concatenate(list(to_uint8(r)), axis=1)) for r in rows]  # (S, B*S, 3) each
     tiles = [t.resize((t.width * zoom, t.height * zoom), Image.NEAREST) for t in tiles]
-    top, left, under = 16 if header else 0, 8 * max(map(len, row_labels)) + 6 if row_labels else 0, 14 if captions else 0
+    top, left, under = 16 if header else 0, 6 * max(map(len, row_labels)) + 8 if row_labels else 0, 14 if captions else 0
     grid = Image.new("RGB", (left + max(t.width for t in tiles), top + sum(t.height + under for t in tiles)), "white")
     draw, y, tile = ImageDraw.Draw(grid), top, tiles[0].height
     for i, text in enumerate(header or []):
