@@ -200,7 +200,7 @@ def generate_no_cache(gpt, labels, cfg_scale, top_k, top_p, generator):
     for si, s in enumerate(gpt.scales):
         end = start + s * s
         x = gpt.embed(torch.cat(inputs, 1), 0)  # (2B, end, D)
-        logits = gpt.head(gpt.transformer(x, class_BD, mask=gpt.mask[:end, :end])).float()  # a plain forward over the prefix
+        logits = gpt.head(gpt.transformer(x, class_BD, mask=gpt.mask[:end, :end])).float()  # a plain forward, whole prefix
         cond, uncond = logits[:, start:end].chunk(2)
         t = cfg_scale * si / max(1, S - 1)
         idx = tf.sample_logits((cond + t * (cond - uncond)).flatten(0, 1), 1.0, top_k, top_p, generator)

@@ -220,7 +220,7 @@ def evaluate(run):
     if os.path.exists(os.path.join(a.out_dir, "unified.pt")):
         rows.append(evaluate_unified_model(run, val, judge))
     run.log(rows)
-    names = ["held-out"] + [f"generated cfg {row['cfg']:g}" if row["stage"] == "eval" else "unified" for row in rows[1:]]
+    names = ["held-out"] + [f"generated cfg {r['cfg']:g}" if r["stage"] == "eval" else "unified" for r in rows[1:]]
     keys = dict.fromkeys(k for row in rows for k in row if k not in ("stage", "split", "tokenizer", "cfg")
                          and not isinstance(row[k], list))
     print_table([{"metric": k, **{name: row.get(k, "-") for name, row in zip(names, rows)}} for k in keys],

@@ -11,7 +11,8 @@ Generate images with a trained TokenFlow GPT, or use the tokenizer on its own.
     python sample.py --prompt "red star" "blue ring"   # text-to-image, one row per prompt (train.py --stage unified)
     python sample.py caption [a.png ...]               # image-to-text: held-out shapes by default -> out/captions.png
 
-Models are rebuilt from out/tokenizer.pt and out/gpt.pt (out/unified.pt: --prompt, caption) alone (config + weights). Evaluation
+Models are rebuilt from out/tokenizer.pt and out/gpt.pt (out/unified.pt: --prompt, caption) alone
+(config + weights). Evaluation
 (held-out metrics, probes, export for FID) is evaluate.py.
 """
 
@@ -55,7 +56,8 @@ def get_args(argv=None):
 
 def parser():
     p = OneLineErrors(__doc__)
-    p.add_argument("mode", nargs="?", default="generate", choices=["generate", "reconstruct", "encode", "decode", "scales", "caption"])
+    p.add_argument("mode", nargs="?", default="generate",
+                   choices=["generate", "reconstruct", "encode", "decode", "scales", "caption"])
     p.add_argument("inputs", nargs="*", help="reconstruct/encode/caption: image files (reconstruct and caption "
                    "without files: held-out shapes); decode: one .npy file of ids (N, L)")
     p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt and gpt.pt")
@@ -137,7 +139,8 @@ def text_to_image(args, ckpt, tokenizer, out):
     x = tokenizer.decode(model.generate(words.repeat_interleave(args.per_class, 0),
                                         generator=torch.Generator(args.device).manual_seed(args.seed),
                                         **sampling_options(args)))
-    labels = [f"{t}{' (held out)' if u else ''}" for t, u in zip(args.prompt, held_out_pair(words.cpu(), held).tolist())]
+    unseen = held_out_pair(words.cpu(), held).tolist()
+    labels = [f"{t}{' (held out)' if u else ''}" for t, u in zip(args.prompt, unseen)]
     save_grid(list(x.split(args.per_class)), out, row_labels=labels)
     print(f"wrote {out}: {len(args.prompt)} prompts x {args.per_class} images, one row per prompt ({', '.join(labels)})")
     return out
@@ -248,7 +251,8 @@ def decode(args, ckpt, tokenizer, out):
     return out
 
 
-MODES = {"generate": (generate, "samples.png"), "caption": (caption, "captions.png"), "reconstruct": (reconstruct, "reconstructions_sample.png"),
+MODES = {"generate": (generate, "samples.png"), "caption": (caption, "captions.png"),
+         "reconstruct": (reconstruct, "reconstructions_sample.png"),
          "encode": (encode, "ids.npy"), "decode": (decode, "decoded.png"), "scales": (scales, "scales.png")}
 
 

@@ -719,9 +719,9 @@ class GPT(nn.Module):
     # -- sampling
 
     def condition(self, labels_B, guided, caches):
-        """What sampling conditions on: the class embeddings (B, D), and with guidance the null class's
-        after them (2B, D). (The unified model also runs its caption into the caches here.)"""
-        return self.class_emb(torch.cat([labels_B, torch.full_like(labels_B, self.cfg.num_classes)]) if guided else labels_B)
+        """Sampling's condition: the class embeddings (B, D), with guidance the null class's after them (2B, D)."""
+        null = torch.full_like(labels_B, self.cfg.num_classes)
+        return self.class_emb(torch.cat([labels_B, null]) if guided else labels_B)
 
     def scale_logits(self, x_BlD, cond, start, caches, t):
         """One scale's inputs (B, l, D) at positions start .. start + l through the blocks, each
@@ -788,8 +788,8 @@ GENERATE, CAPTION = 0, 1  # the tasks, which AdaLN reads where the class-conditi
 
 
 def prefix_mask(first, then):
-    """The mask (a + b, a + b) of a sequence [a tokens, b tokens]: the first a attend among themselves as
-    the mask first (a, a) says, never to the b after them; the b attend to all a, and among themselves as then."""
+    """The mask (a + b, a + b) of [a tokens, b tokens]: the a attend among themselves as first (a, a) says
+    and never to the b; the b attend to all a, and among themselves as then (b, b) says."""
     return torch.cat([torch.cat([first, first.new_zeros(len(first), len(then))], 1),
                       torch.cat([then.new_ones(len(then), len(first)), then], 1)])
 
@@ -819,8 +819,7 @@ class UnifiedGPT(GPT):
         self.text_pos = nn.Parameter(torch.randn(W, D) * 0.02)
         self.projector = nn.Sequential(nn.Linear(self.codes.shape[1], D), nn.GELU(), nn.Linear(D, D))
         self.word_head = nn.Linear(D, cfg.vocab_size)
-        init_weights(self.projector)
-        init_weights(self.word_head)
+        init_weights(nn.ModuleList([self.projector, self.word_head]))
         nn.init.trunc_normal_(self.word_emb.weight, std=0.02)
         causal = torch.ones(W, W, dtype=torch.bool).tril()
         self.register_buffer("text_mask", causal, persistent=False)
@@ -885,11 +884,10 @@ class UnifiedGPT(GPT):
     def caption(self, idx_BL, view="both"):
         """ids (B, L) -> the most likely caption (B, W) word ids, one word at a time through a KV cache;
         NULL_WORD after END_WORD."""
-        B, W = len(idx_BL), self.cfg.caption_len
-        self.check_inputs(torch.zeros(B, W, dtype=torch.long, device=idx_BL.device), idx_BL)
-        caches, cond, words = [KVCache() for _ in self.blocks], self.task(CAPTION, B), []
-        h = self.transformer(self.image_prefix(idx_BL, [view] * B), cond, caches=caches)[:, -1]  # (B, D)
-        for j in range(W):
+        self.check_inputs(idx_BL.new_zeros(len(idx_BL), self.cfg.caption_len), idx_BL)  # (the ids' check)
+        caches, cond, words = [KVCache() for _ in self.blocks], self.task(CAPTION, len(idx_BL)), []
+        h = self.transformer(self.image_prefix(idx_BL, [view] * len(idx_BL)), cond, caches=caches)[:, -1]  # (B, D)
+        for j in range(self.cfg.caption_len):
             words.append(self.word_head(h).argmax(-1))  # (B,)
             h = self.transformer(self.embed_words(words[-1][:, None], j), cond, caches=caches)[:, -1]
         words = torch.stack(words, 1)
