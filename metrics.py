@@ -200,14 +200,16 @@ def evaluate_gpt(gpt, loader, device, dtype="float32", reduce=lambda t: t):
 @torch.no_grad()
 def evaluate_unified(model, loader, device, dtype="float32", reduce=lambda t: t):
     """Held-out losses (nats) of a UnifiedGPT on a loader of (ids (B, L), captions (B, W)): gen_loss per
-    image token (text-to-image), cap_loss per caption word and END (image-to-text, both halves)."""
+    image token (text-to-image), cap_loss per caption word and END (image-to-text, both halves; each
+    batch's mean weighted by its images: per word where captions have one length, as the shapes')."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # gen, cap, images
+    sums = torch.zeros(3, dtype=torch.float64)  # gen, cap: batch means x images; images
     for idx, words in loader:
         idx, words = idx.to(device), words.to(device)
         with autocast_ctx(device, dtype):
             image_logits, word_logits = model(idx, words)
-        sums += torch.tensor([tf.gpt_loss(image_logits, idx).item(), tf.caption_loss(word_logits, words).item(), 1.0])
+        losses = [tf.gpt_loss(image_logits, idx).item(), tf.caption_loss(word_logits, words).item()]
+        sums += torch.tensor([loss * len(idx) for loss in losses] + [len(idx)])
     gen, cap, n = reduce(sums).tolist()
     return {"gen_loss": gen / n, "cap_loss": cap / n}
 

@@ -60,7 +60,7 @@ def parser():
                    choices=["generate", "reconstruct", "encode", "decode", "scales", "caption"])
     p.add_argument("inputs", nargs="*", help="reconstruct/encode/caption: image files (reconstruct and caption "
                    "without files: held-out shapes); decode: one .npy file of ids (N, L)")
-    p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt and gpt.pt")
+    p.add_argument("--out-dir", default="out", help="where train.py wrote tokenizer.pt, gpt.pt and unified.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: OUT_DIR/tokenizer.pt; "
                    "OUT_DIR/decoder.pt after train.py --finetune-decoder: the same ids, its own pixel decoder)")
     p.add_argument("--out", default=None, help="output file (default: OUT_DIR/samples.png, "
@@ -135,7 +135,7 @@ def unified_model(args, tokenizer, ckpt):
 
 def text_to_image(args, ckpt, tokenizer, out):
     model, vocab, held = unified_model(args, tokenizer, ckpt)
-    words = torch.stack([caption_ids(t, vocab, model.cfg.caption_len) for t in args.prompt]).to(args.device)
+    words = torch.stack([caption_ids(t, vocab) for t in args.prompt]).to(args.device)
     x = tokenizer.decode(model.generate(words.repeat_interleave(args.per_class, 0),
                                         generator=torch.Generator(args.device).manual_seed(args.seed),
                                         **sampling_options(args)))
@@ -147,18 +147,18 @@ def text_to_image(args, ckpt, tokenizer, out):
 
 
 def caption(args, ckpt, tokenizer, out):
-    """One caption per image (the files given, else 16 held-out shapes, two of each held-out pair and one of
-    eight seen pairs), printed and written under the images."""
+    """One caption per image (the files given, else 16 held-out shapes: one of each unseen pair, the
+    transformer's held-out pairs, then eight of seen pairs), printed and written under the images."""
     model, vocab, held = unified_model(args, tokenizer, ckpt)
     if args.inputs:
         x, names = load_images(args.inputs, tokenizer.cfg.image_size), args.inputs
     else:
         data = make_dataset("shapes", None, "val", tokenizer.cfg.image_size, seed=ckpt.get("args", {}).get("seed", 0))
         words = data.captions(range(len(data)))
-        unseen = held_out_pair(words, held).nonzero()[:, 0].tolist()
-        pick = unseen[:8] + (~held_out_pair(words, held)).nonzero()[:8, 0].tolist()
-        x, names = torch.stack([data[i][0] for i in pick]), [f"held-out image {i}: {caption_text(words[i], vocab)}"
-                                                            f"{' (held-out pair)' if i in unseen else ''}" for i in pick]
+        unseen = [held_out_pair(words, [pair]).nonzero()[0, 0].item() for pair in held]  # one image per pair
+        pick = unseen + (~held_out_pair(words, held)).nonzero()[:8, 0].tolist()
+        x, names = torch.stack([data[i][0] for i in pick]), [f"val image {i}: {caption_text(words[i], vocab)}"
+                                                            f"{' (unseen pair)' if i in unseen else ''}" for i in pick]
     said = [caption_text(w, vocab) for w in model.caption(tokenizer.encode(x.to(args.device))).cpu()]
     for name, text in zip(names, said):
         print(f"{text:20s} {name}")

@@ -736,7 +736,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, labels, cfg_scale=3.0, cfg_schedule="linear", temperature=1.0, top_k=0, top_p=0.0,
                  generator=None, refine=None):
-        """Class labels (B,) long -> ids (B, L), one forward of each scale's tokens through a KV cache.
+        """Class labels (B,) long (UnifiedGPT: captions (B, W)) -> ids (B, L), one forward per scale, KV-cached.
         cfg_scale: classifier-free guidance weight t_max: logits = (1 + t) cond - t uncond, t = cfg_scale
           * k / (S - 1) at scale k = 0 .. S-1 ('linear', the official schedule) or cfg_scale ('constant');
           0 samples the conditional logits in one pass of B, otherwise one batched pass of 2B.
@@ -797,15 +797,15 @@ def prefix_mask(first, then):
 class UnifiedGPT(GPT):
     """One transformer for both directions over a tokenizer's shared ids, the task in AdaLN's condition
     (Janus and Show-o train one model on both; the official TokenFlow code uses two LLMs).
-      generate (text-to-image, as the official t2i/): [caption, W words] [image, L tokens by scale].
-        The words attend causally; each scale attends to the caption and to the scales up to its own;
-        the first scale reads the task embedding (the official <img> token). Loss on the ids. In
-        training the caption becomes the null caption (all NULL_WORD) with p = class_drop, for CFG.
+      generate (text-to-image, as the official t2i/): [caption, W words] [image, L tokens by scale]. The
+        words attend causally; each scale to the caption and to the scales up to its own; AdaLN and the
+        first scale (the <img> token) read the task plus the caption's mean word embedding. Loss on the
+        ids. In training the caption becomes the null caption (all NULL_WORD) with p = class_drop (CFG).
       caption (image-to-text, as the official i2t/, LLaVA): [f_hat through a 2-layer MLP projector,
         n*n tokens] [words]. The image prefix attends both ways (Show-o), each word to the prefix and
-        the words before it; position n*n - 1 + j predicts word j + 1, and the last one END_WORD.
-        view 'sem' or 'pix' zeroes the other half of f_hat (in training, each caption reads a view at
-        random), so one reader measures what each half knows."""
+        the words before it; position n*n - 1 + j predicts words[:, j], position n*n - 1 + W END_WORD.
+        view 'sem' or 'pix' zeroes the other half of f_hat (in training each caption reads a random
+        view), so one reader measures what each half knows."""
 
     VIEWS = ("both", "sem", "pix")
 
@@ -815,12 +815,12 @@ class UnifiedGPT(GPT):
         super().__init__(replace(cfg, num_classes=2), tokenizer)  # the two "classes" are the tasks
         D, W, n = cfg.width, cfg.caption_len, self.grid
         self.sem_dim = tokenizer.cfg.sem_dim
-        self.word_emb = nn.Embedding(cfg.vocab_size, D)
+        self.text_emb = nn.Embedding(cfg.vocab_size, D)
         self.text_pos = nn.Parameter(torch.randn(W, D) * 0.02)
         self.projector = nn.Sequential(nn.Linear(self.codes.shape[1], D), nn.GELU(), nn.Linear(D, D))
-        self.word_head = nn.Linear(D, cfg.vocab_size)
-        init_weights(nn.ModuleList([self.projector, self.word_head]))
-        nn.init.trunc_normal_(self.word_emb.weight, std=0.02)
+        self.text_head = nn.Linear(D, cfg.vocab_size)
+        init_weights(nn.ModuleList([self.projector, self.text_head]))
+        nn.init.trunc_normal_(self.text_emb.weight, std=0.02)
         causal = torch.ones(W, W, dtype=torch.bool).tril()
         self.register_buffer("text_mask", causal, persistent=False)
         self.register_buffer("t2i_mask", prefix_mask(causal, self.mask), persistent=False)  # (W + L, W + L)
@@ -829,17 +829,18 @@ class UnifiedGPT(GPT):
     def check_inputs(self, words_BW, idx_BL=None):
         W, V = self.cfg.caption_len, self.cfg.vocab_size
         if words_BW.dtype != torch.long or words_BW.shape[1:] != (W,) or ((words_BW < 0) | (words_BW >= V)).any():
-            raise ValueError(f"captions must be word ids (B, {W}) long in [0, {V}), got {words_BW.dtype} {words_BW}")
+            raise ValueError(f"captions must be word ids (B, {W}) long in [0, {V}), got {words_BW.dtype} "
+                             f"{tuple(words_BW.shape)}")
         super().check_inputs(words_BW.new_zeros(len(words_BW)), idx_BL)  # (the task is not an input)
 
     def task(self, task, B):
         return self.class_emb(torch.full((B,), task, device=self.level.device))  # (B, D)
 
     def generate_condition(self, words_BW):  # AdaLN's condition of the generate task (B, D)
-        return self.task(GENERATE, len(words_BW)) + self.word_emb(words_BW).mean(1)  # + the pooled caption
+        return self.task(GENERATE, len(words_BW)) + self.text_emb(words_BW).mean(1)  # + the pooled caption
 
-    def embed_words(self, words_Bw, start=0):  # the words at caption positions start .. start + w -> (B, w, D)
-        return self.word_emb(words_Bw) + self.text_pos[start:start + words_Bw.shape[1]]
+    def embed_text(self, words_Bw, start=0):  # the words at caption positions start .. start + w -> (B, w, D)
+        return self.text_emb(words_Bw) + self.text_pos[start:start + words_Bw.shape[1]]
 
     def image_prefix(self, idx_BL, views):
         """f_hat of the ids (all scales), one view per row (views: B names), projected -> (B, n*n, D)."""
@@ -857,19 +858,18 @@ class UnifiedGPT(GPT):
         B, W = words_BW.shape
         image_logits = self.head(self.t2i_hidden(idx_BL, words_BW)[:, W:])
         views = [self.VIEWS[i] for i in torch.randint(3, (B,))] if self.training else ["both"] * B
-        x = torch.cat([self.image_prefix(idx_BL, views), self.embed_words(words_BW)], 1)  # (B, n*n + W, D)
+        x = torch.cat([self.image_prefix(idx_BL, views), self.embed_text(words_BW)], 1)  # (B, n*n + W, D)
         cond = self.task(CAPTION, B)
-        word_logits = self.word_head(self.transformer(x, cond, mask=self.i2t_mask)[:, self.grid ** 2 - 1:])
+        word_logits = self.text_head(self.transformer(x, cond, mask=self.i2t_mask)[:, self.grid ** 2 - 1:])
         return image_logits, word_logits
 
     def t2i_hidden(self, idx_BL, words_BW):
-        """The generate task's sequence through the transformer -> (B, W + L, D); in training the caption
-        becomes the null caption with p = class_drop."""
+        """The generate task's sequence through the blocks -> (B, W + L, D); null captions: see the class."""
         if self.training and self.cfg.class_drop > 0:
             drop = torch.rand(len(words_BW), device=words_BW.device) < self.cfg.class_drop
             words_BW = torch.where(drop[:, None], NULL_WORD, words_BW)
         cond = self.generate_condition(words_BW)
-        x = torch.cat([self.embed_words(words_BW), self.image_inputs(idx_BL, cond)], 1)
+        x = torch.cat([self.embed_text(words_BW), self.image_inputs(idx_BL, cond)], 1)
         return self.transformer(x, cond, mask=self.t2i_mask)
 
     def condition(self, words_BW, guided, caches):
@@ -877,7 +877,7 @@ class UnifiedGPT(GPT):
         caches; every row reads the generate task (B or 2B, D)."""
         rows = torch.cat([words_BW, torch.full_like(words_BW, NULL_WORD)]) if guided else words_BW
         cond = self.generate_condition(rows)
-        self.transformer(self.embed_words(rows), cond, mask=self.text_mask, caches=caches)
+        self.transformer(self.embed_text(rows), cond, mask=self.text_mask, caches=caches)
         return cond
 
     @torch.no_grad()
@@ -888,8 +888,8 @@ class UnifiedGPT(GPT):
         caches, cond, words = [KVCache() for _ in self.blocks], self.task(CAPTION, len(idx_BL)), []
         h = self.transformer(self.image_prefix(idx_BL, [view] * len(idx_BL)), cond, caches=caches)[:, -1]  # (B, D)
         for j in range(self.cfg.caption_len):
-            words.append(self.word_head(h).argmax(-1))  # (B,)
-            h = self.transformer(self.embed_words(words[-1][:, None], j), cond, caches=caches)[:, -1]
+            words.append(self.text_head(h).argmax(-1))  # (B,)
+            h = self.transformer(self.embed_text(words[-1][:, None], j), cond, caches=caches)[:, -1]
         words = torch.stack(words, 1)
         return words.masked_fill((words == END_WORD).cumsum(1) > 0, NULL_WORD)  # END and what follows it
 

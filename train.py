@@ -1,12 +1,14 @@
 """
 Train TokenFlow, stage by stage: the toy teacher, the tokenizer, the judge (a classifier that
-scores generated images), then the next-scale GPT.
+scores generated images), then the next-scale GPT; on the shapes, also the unified transformer
+that captions the ids and draws them from captions.
 
     python train.py                      # the CPU toy run: shapes -> teacher -> tokenizer -> judge -> GPT, into out/
     python train.py --stage gpt          # one stage, reading earlier stages' checkpoints from out/
     python train.py --iters 2            # a smoke run: 2 optimisation steps per stage
+    python train.py --stage unified      # after the toy run: captions <-> ids, into out/unified.pt
 
-Read top to bottom: the one training loop, then the four stages with their losses that run it; then
+Read top to bottom: the one training loop, then the stages with their losses that run it; then
 the PatchGAN's parts, per-stage defaults, small helpers, the command line and main. A stage's checkpoint holds all it
 needs (config, weights, optimiser, args): sample.py, evaluate.py and later stages rebuild models
 from it alone. Under torchrun every process runs this file; rank 0 logs and writes. The plumbing

@@ -144,17 +144,18 @@ def held_out_pair(words_BW, pairs=HELD_OUT_PAIRS):
     return torch.stack([(colour == c) & (shape == s) for c, s in pairs]).any(0)
 
 
-def caption_ids(text, vocab=VOCAB, caption_len=CAPTION_LEN):
-    """A prompt ("red star") -> word ids (caption_len,) long, NULL_WORD after its words; ValueError naming
-    a word outside the vocabulary, or an empty or too long prompt."""
+def caption_ids(text, vocab=VOCAB):
+    """A prompt "<colour> <shape>" ("red star"), the only form the captions take -> word ids (2,) long;
+    ValueError naming a word outside the vocabulary, or a prompt of another form."""
     words = text.split()
-    if not 1 <= len(words) <= caption_len:
-        raise ValueError(f"prompt {text!r} has {len(words)} words; give 1 to {caption_len}, e.g. 'red star'")
     unknown = [w for w in words if w not in vocab[len(tf.SPECIAL_WORDS):]]
     if unknown:
         raise ValueError(f"prompt {text!r}: {unknown[0]!r} is not in the vocabulary; "
                          f"use {', '.join(vocab[len(tf.SPECIAL_WORDS):])}")
-    return torch.tensor([vocab.index(w) for w in words] + [tf.NULL_WORD] * (caption_len - len(words)))
+    if len(words) != CAPTION_LEN or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(f"prompt {text!r} is not '<colour> <shape>'; give a colour ({', '.join(COLOURS)}) "
+                         f"then a shape ({', '.join(SHAPES)}), e.g. 'red star'")
+    return torch.tensor([vocab.index(w) for w in words])
 
 
 def caption_text(words_W, vocab=VOCAB):

@@ -137,8 +137,8 @@ def check_resumable_on(path, kind, tokenizer, source):
 
 
 def load_model(path, kind, tokenizer=None, classes=None, fix=""):
-    """Rebuild a 'teacher', 'tokenizer', 'judge' or 'gpt' from its checkpoint alone -> (model, checkpoint dict),
-    with the EMA weights where training kept them. A GPT also needs the tokenizer it was trained on,
+    """Rebuild a 'teacher', 'tokenizer', 'judge', 'gpt' or 'unified' from its checkpoint alone -> (model,
+    checkpoint dict), with the EMA weights where training kept them. A GPT (or UnifiedGPT) needs the tokenizer it was trained on,
     whose codebook size and scales must match. classes (the run's class names): the checkpoint's must
     be the same (ValueError ending in fix, what to do, otherwise)."""
     ckpt = load_checkpoint(path, kind)
@@ -148,11 +148,11 @@ def load_model(path, kind, tokenizer=None, classes=None, fix=""):
         diff = [f"{k} {getattr(theirs, k)} vs {getattr(tokenizer.cfg, k)}" for k in
                 ("codebook_size", "scales", "sem_dim", "pix_dim") if getattr(theirs, k) != getattr(tokenizer.cfg, k)]
         if diff:
-            raise ValueError(f"GPT {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
-                             "(GPT's tokenizer vs this one); give the tokenizer it was trained with")
+            raise ValueError(f"{kind} {path} was trained on a tokenizer with other tokens: {'; '.join(diff)} "
+                             f"({kind}'s tokenizer vs this one); give the tokenizer it was trained with")
         if ckpt.get("tokenizer_id", tokenizer_id(tokenizer)) != tokenizer_id(tokenizer):  # same sizes, other weights: other ids
-            raise ValueError(f"GPT {path} was trained on another tokenizer's ids than the one given; give that "
-                             "tokenizer, or retrain the GPT on this one (python train.py --stage gpt --out-dir DIR, "
+            raise ValueError(f"{kind} {path} was trained on another tokenizer's ids than the one given; give that "
+                             f"tokenizer, or retrain on this one (python train.py --stage {kind} --out-dir DIR, "
                              "DIR/tokenizer.pt being it)")
         model = (tf.GPT if kind == "gpt" else tf.UnifiedGPT)(config_from_dict(tf.GPTConfig, ckpt["config"]), tokenizer)
     else:
