@@ -822,7 +822,6 @@ class UnifiedGPT(GPT):
         init_weights(nn.ModuleList([self.projector, self.text_head]))
         nn.init.trunc_normal_(self.text_emb.weight, std=0.02)
         causal = torch.ones(W, W, dtype=torch.bool).tril()
-        self.register_buffer("text_mask", causal, persistent=False)
         self.register_buffer("t2i_mask", prefix_mask(causal, self.mask), persistent=False)  # (W + L, W + L)
         self.register_buffer("i2t_mask", prefix_mask(causal.new_ones(n * n, n * n), causal), persistent=False)
 
@@ -874,10 +873,10 @@ class UnifiedGPT(GPT):
 
     def condition(self, words_BW, guided, caches):
         """Sampling's condition: the caption (and with guidance the null caption after it) run into the
-        caches; every row reads the generate task (B or 2B, D)."""
+        caches; every row reads the generate task and its caption (generate_condition) -> (B or 2B, D)."""
         rows = torch.cat([words_BW, torch.full_like(words_BW, NULL_WORD)]) if guided else words_BW
-        cond = self.generate_condition(rows)
-        self.transformer(self.embed_text(rows), cond, mask=self.text_mask, caches=caches)
+        cond, W = self.generate_condition(rows), rows.shape[1]
+        self.transformer(self.embed_text(rows), cond, mask=self.t2i_mask[:W, :W], caches=caches)  # the caption's mask
         return cond
 
     @torch.no_grad()
@@ -889,7 +888,8 @@ class UnifiedGPT(GPT):
         h = self.transformer(self.image_prefix(idx_BL, [view] * len(idx_BL)), cond, caches=caches)[:, -1]  # (B, D)
         for j in range(self.cfg.caption_len):
             words.append(self.text_head(h).argmax(-1))  # (B,)
-            h = self.transformer(self.embed_text(words[-1][:, None], j), cond, caches=caches)[:, -1]
+            if j + 1 < self.cfg.caption_len:  # (after the last word, END is all there is to predict)
+                h = self.transformer(self.embed_text(words[-1][:, None], j), cond, caches=caches)[:, -1]
         words = torch.stack(words, 1)
         return words.masked_fill((words == END_WORD).cumsum(1) > 0, NULL_WORD)  # END and what follows it
 
